@@ -1,0 +1,32 @@
+# Every target bootstraps .venv on first use (a fresh clone needs nothing else).
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+RUNDIR ?= runs/mqar_main
+
+.PHONY: setup run test test-slow test-all clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	@test -x $(PY) || { py=$$(scripts/find_python.sh) && echo "creating $(VENV) with $$py" && $$py -m venv $(VENV); }
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+# The main job: 2-layer model on MQAR (T=64, 4 pairs), then test accuracy per segment.
+run: $(STAMP)
+	$(PY) scripts/train.py --config configs/mqar.py:main --workdir $(RUNDIR)
+
+# Fast suite (< 20 min on 2 CPU cores). Slow checks are marked `slow` and run by test-slow.
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -n 2 -m slow tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -n 2 tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

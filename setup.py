@@ -1,0 +1,25 @@
+"""Package metadata for memjax (and, beside it, the `kernels` package)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="memjax",
+    version="0.1.0",
+    description="JAX research code for recurrent and state-space memory architectures.",
+    python_requires=">=3.12",  # why: ../shared/DESIGN.md, Versions (jax 0.10 deadlocks on CPU).
+    packages=find_packages(include=["memjax", "memjax.*", "kernels", "kernels.*"]),
+    install_requires=[
+        "jax>=0.12",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "grain>=0.2.18",
+        "ml-collections>=1.1",
+        "numpy>=2.0",
+        "absl-py>=2.0",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.9",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},
+)
