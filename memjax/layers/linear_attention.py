@@ -1,0 +1,44 @@
+"""The linear-attention mixer: a matrix-valued memory written with k v^T and read with q."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from memjax.layers.registry import MIXERS
+from memjax.ops import linear_attention
+
+FLOAT32_BYTES = 4
+
+
+@MIXERS.register("linear_attention")
+class LinearAttention(nn.Module):
+    """Multi-head linear attention (`memjax.ops.linear_attention`, no decay).
+
+    Per head: `S_t = S_{t-1} + k_t v_t^T`, `o_t = S_t^T q_t / sqrt(K)`; the head outputs are
+    RMS-normalised (the unnormalised memory grows with t) and projected back to d_model.
+    Input and output `[B, T, d_model]`; `initial_state` / returned state `[B, H, K, V]`.
+    """
+
+    d_model: int
+    num_heads: int = 2
+    chunk_size: int = 64
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, initial_state=None, return_state: bool = False):
+        batch, seq_len, _ = x.shape
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
+        head_dim = self.d_model // self.num_heads
+        qkv = nn.Dense(3 * self.d_model, use_bias=False, name="qkv")(x)
+        q, k, v = jnp.split(qkv.reshape(batch, seq_len, self.num_heads, 3 * head_dim), 3, axis=-1)
+        o, state = linear_attention(
+            q, k, v, initial_state=initial_state, impl=self.impl, chunk_size=self.chunk_size)
+        o = nn.RMSNorm(name="head_norm")(o).reshape(batch, seq_len, self.d_model)
+        y = nn.Dense(self.d_model, use_bias=False, name="out")(o)
+        return (y, state) if return_state else y
+
+    def state_size(self, seq_len: int) -> int:
+        """Bytes of the recurrent state, independent of `seq_len`: H * K * V float32."""
+        del seq_len
+        head_dim = self.d_model // self.num_heads
+        return self.num_heads * head_dim * head_dim * FLOAT32_BYTES

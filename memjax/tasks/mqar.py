@@ -1,0 +1,481 @@
+"""Multi-query associative recall (MQAR) as Grain datasets.
+
+MQAR (Arora, Eyuboglu et al., "Zoology", ICLR 2024) asks a causal model to store K key-value pairs
+shown at the start of a sequence and to recall each value when its key appears again later.
+
+Construction of one example (vocabulary V, length T, K pairs), following Zoology's generator:
+
+1. Keys: K distinct tokens from ``[1, V//2)``; values: K distinct tokens from ``[V//2, V)``.
+2. Context (positions ``0 .. 2K-1``): ``k1 v1 k2 v2 ... kK vK``.
+3. Query region (positions ``2K .. T-1``): ``space = (T - 2K) / 2`` two-token slots. K distinct
+   slots ("gaps") ``g_j`` in ``[0, space)`` are drawn without replacement with probability
+   proportional to ``a * i**(a - 1)`` for ``i = g + 1`` (``a = power_a``; 0.01 gives roughly
+   ``1/i``, so queries cluster near the start of the query region, 1.0 gives a uniform draw).
+   Key ``k_j`` is written at position ``2K + 2 g_j``.
+4. Labels are ``IGNORE_INDEX`` everywhere except at each query position ``2K + 2 g_j``, whose label
+   is ``v_j``: the next-token target after the query key. Zoology builds a length ``T + 1``
+   sequence with the value at ``2K + 2 g_j + 1`` and shifts it (``inputs = seq[:-1]``,
+   ``labels = seq[1:]``); writing the label directly at the key's position is the same thing.
+   As in Zoology, the value is *not* written into the inputs after the query key: that slot is
+   filler like the rest of the query region.
+5. Filler: every other position of the inputs is 0, or, with ``random_filler`` (Zoology's
+   ``random_non_queries=True``, the default), every 0 in the inputs is replaced by a uniform token
+   from ``[0, V)``. Random filler may repeat keys or values and acts as distractors.
+
+Every example is a pure function of ``(seed, index)``: it is drawn from its own
+``np.random.default_rng([seed, index])``, never from global state, so any example can be produced
+in any order, by any worker, after any restart. Train and test segments get seeds from disjoint
+ranges (``[0, 2**31)`` and ``[2**31, 2**32)``), as Zoology does.
+
+Public API:
+  ``IGNORE_INDEX``, ``Segment``, ``check_settings``, ``make_example``, ``make_examples``,
+  ``segment_seeds``, ``segment_dataset``, ``batches_per_epoch``, ``train_dataset``,
+  ``test_datasets``, ``zoology_train_segments``, ``zoology_test_segments``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import operator
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Segment",
+    "batches_per_epoch",
+    "check_settings",
+    "make_example",
+    "make_examples",
+    "segment_dataset",
+    "segment_seeds",
+    "test_datasets",
+    "train_dataset",
+    "zoology_test_segments",
+    "zoology_train_segments",
+]
+
+# Label of unsupervised positions; the loss and the accuracy skip it (PyTorch's convention, kept so
+# numbers compare with Zoology's).
+IGNORE_INDEX = -100
+
+# Seed ranges of the two splits. Disjoint by construction, so no test example shares a random
+# stream with a training example.
+_SPLIT_RANGES = {"train": (0, 2**31), "test": (2**31, 2**32)}
+# Mixed into the entropy of derived seeds so that the segment seeds of the two splits and the
+# shuffle seed come from unrelated streams of the same master seed.
+_SPLIT_CODES = {"train": 0, "test": 1}
+_SHUFFLE_CODE = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One block of MQAR examples sharing a length and a number of pairs.
+
+    Attributes:
+      seq_len: T, the length of ``inputs`` and ``labels``.
+      num_pairs: K, the number of key-value pairs (and of supervised positions) per example.
+      num_examples: number of examples in the segment.
+    """
+
+    seq_len: int
+    num_pairs: int
+    num_examples: int
+
+    def __post_init__(self):
+        for field in ("seq_len", "num_pairs", "num_examples"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"Segment.{field} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"Segment.{field} must be >= 1, got {value}")
+            # Normalise numpy integers so segments hash, compare and print like plain ints.
+            object.__setattr__(self, field, int(value))
+
+    @property
+    def name(self) -> str:
+        """Slice name used for per-segment metrics, e.g. ``"T64_K4"``."""
+        return f"T{self.seq_len}_K{self.num_pairs}"
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int, got {value!r}") from None
+
+
+def check_settings(vocab_size: int, seq_len: int, num_pairs: int) -> None:
+    """Raises ValueError, naming the parameter, if (V, T, K) cannot produce an MQAR example.
+
+    Zoology's asserts with one pass: T even, V > T, ``2K + 2K <= T`` (context of 2K tokens plus a
+    query region with at least K two-token slots). Keys are drawn from ``[1, V//2)``, so also
+    ``K <= V//2 - 1`` (implied by the others, checked anyway so the message is clear).
+    """
+    vocab_size = _as_int("vocab_size", vocab_size)
+    seq_len = _as_int("seq_len", seq_len)
+    num_pairs = _as_int("num_pairs", num_pairs)
+    if num_pairs < 1:
+        raise ValueError(f"num_pairs must be >= 1, got num_pairs={num_pairs}")
+    if seq_len < 2 or seq_len % 2:
+        raise ValueError(f"seq_len must be even and >= 2, got seq_len={seq_len}")
+    if vocab_size <= seq_len:
+        raise ValueError(
+            f"vocab_size must be > seq_len (Zoology's V > T), got vocab_size={vocab_size}, "
+            f"seq_len={seq_len}"
+        )
+    if 4 * num_pairs > seq_len:
+        raise ValueError(
+            f"num_pairs too large for seq_len: need 4*num_pairs <= seq_len (2K context tokens plus "
+            f"K two-token query slots), got num_pairs={num_pairs}, seq_len={seq_len}"
+        )
+    if num_pairs > vocab_size // 2 - 1:
+        raise ValueError(
+            f"num_pairs must be <= vocab_size//2 - 1 (distinct keys come from [1, vocab_size//2)), "
+            f"got num_pairs={num_pairs}, vocab_size={vocab_size}"
+        )
+
+
+def _check_power_a(power_a: float) -> float:
+    power_a = float(power_a)
+    if not (math.isfinite(power_a) and power_a > 0):
+        raise ValueError(f"power_a must be a finite number > 0, got power_a={power_a}")
+    return power_a
+
+
+def _check_seed(name: str, seed: Any) -> int:
+    seed = _as_int(name, seed)
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"{name} must be in [0, 2**32), got {name}={seed}")
+    return seed
+
+
+@functools.lru_cache(maxsize=64)
+def _gap_weights(space: int, power_a: float) -> np.ndarray:
+    """Unnormalised gap probabilities ``a * i**(a-1)``, i = 1..space (read-only, cached)."""
+    w = power_a * np.arange(1, space + 1, dtype=np.float64) ** (power_a - 1.0)
+    w.flags.writeable = False
+    return w
+
+
+def _draw(rng: np.random.Generator, vocab_size, seq_len, num_pairs, power_a, random_filler):
+    """All random draws of one example, in a fixed order: keys, values, gaps, filler."""
+    half = vocab_size // 2
+    keys = rng.choice(half - 1, size=num_pairs, replace=False) + 1
+    values = rng.choice(vocab_size - half, size=num_pairs, replace=False) + half
+    # Weighted sampling without replacement by exponential keys (Efraimidis & Spirakis): the slots
+    # with the K smallest E_i / w_i, in increasing order, have the law of successive draws that
+    # each pick slot i with probability w_i / (sum of w over slots not yet drawn), which is what
+    # Zoology's np.random.choice(space, K, replace=False, p=p) samples. Vectorised, no loop.
+    space = (seq_len - 2 * num_pairs) // 2
+    scores = rng.exponential(size=space) / _gap_weights(space, power_a)
+    gaps = np.argsort(scores)[:num_pairs]
+    filler = rng.integers(0, vocab_size, size=seq_len) if random_filler else None
+    return keys, values, gaps, filler
+
+
+def make_examples(
+    vocab_size: int,
+    seq_len: int,
+    num_pairs: int,
+    seed: int,
+    indices: Sequence[int] | np.ndarray,
+    *,
+    power_a: float = 0.01,
+    random_filler: bool = True,
+) -> dict[str, np.ndarray]:
+    """A batch of MQAR examples: row ``b`` equals ``make_example(..., seed, indices[b])``.
+
+    Returns ``{"inputs": int32[N, T], "labels": int32[N, T]}`` with ``N = len(indices)``. The random
+    draws are per example (one generator per index); only the assembly is vectorised.
+    """
+    check_settings(vocab_size, seq_len, num_pairs)
+    seed = _check_seed("seed", seed)
+    power_a = _check_power_a(power_a)
+    indices = np.asarray(indices)
+    if indices.ndim != 1 or not (indices.size == 0 or np.issubdtype(indices.dtype, np.integer)):
+        raise ValueError(f"indices must be a 1-D sequence of ints, got {indices!r}")
+    if indices.size and indices.min() < 0:
+        raise ValueError(f"indices must be >= 0, got min index {indices.min()}")
+
+    n, k = len(indices), num_pairs
+    keys = np.empty((n, k), np.int32)
+    values = np.empty((n, k), np.int32)
+    gaps = np.empty((n, k), np.int64)
+    filler = np.empty((n, seq_len), np.int32) if random_filler else None
+    for row, index in enumerate(indices.tolist()):
+        rng = np.random.default_rng([seed, index])
+        keys[row], values[row], gaps[row], f = _draw(
+            rng, vocab_size, seq_len, num_pairs, power_a, random_filler
+        )
+        if random_filler:
+            filler[row] = f
+
+    inputs = np.zeros((n, seq_len), np.int32)
+    inputs[:, 0 : 2 * k : 2] = keys
+    inputs[:, 1 : 2 * k : 2] = values
+    query_pos = 2 * k + 2 * gaps  # position of each query key; at most T - 2
+    np.put_along_axis(inputs, query_pos, keys, axis=1)
+    labels = np.full((n, seq_len), IGNORE_INDEX, np.int32)
+    np.put_along_axis(labels, query_pos, values, axis=1)
+    if random_filler:
+        # Keys are >= 1 and values >= V//2 >= 1, so the zeros are exactly the filler.
+        inputs = np.where(inputs == 0, filler, inputs)
+    return {"inputs": inputs, "labels": labels}
+
+
+def make_example(
+    vocab_size: int,
+    seq_len: int,
+    num_pairs: int,
+    seed: int,
+    index: int,
+    *,
+    power_a: float = 0.01,
+    random_filler: bool = True,
+) -> dict[str, np.ndarray]:
+    """One MQAR example, a pure function of ``(seed, index)`` (see the module docstring).
+
+    Returns ``{"inputs": int32[T], "labels": int32[T]}``; ``labels`` is ``IGNORE_INDEX`` except at
+    the K query positions ``p`` (all ``>= 2K``), where ``inputs[p]`` is a key and ``labels[p]`` its
+    value from the context.
+    """
+    index = _as_int("index", index)
+    batch = make_examples(
+        vocab_size, seq_len, num_pairs, seed, [index], power_a=power_a, random_filler=random_filler
+    )
+    return {name: array[0] for name, array in batch.items()}
+
+
+def segment_seeds(master_seed: int, num_segments: int, split: str) -> list[int]:
+    """Deterministic, distinct per-segment seeds for one split.
+
+    ``"train"`` seeds lie in ``[0, 2**31)`` and ``"test"`` seeds in ``[2**31, 2**32)``, so the
+    splits are disjoint by construction. Seed ``i`` depends only on ``(master_seed, split, i)``
+    (plus, in the astronomically rare case of a collision with an earlier segment, a retry
+    counter), so adding segments at the end does not change the seeds of the earlier ones.
+    """
+    master_seed = _as_int("master_seed", master_seed)
+    num_segments = _as_int("num_segments", num_segments)
+    if master_seed < 0:
+        raise ValueError(f"master_seed must be >= 0, got master_seed={master_seed}")
+    if num_segments < 0:
+        raise ValueError(f"num_segments must be >= 0, got num_segments={num_segments}")
+    if split not in _SPLIT_RANGES:
+        raise ValueError(f"split must be one of {sorted(_SPLIT_RANGES)}, got split={split!r}")
+    low, high = _SPLIT_RANGES[split]
+    seeds: list[int] = []
+    for i in range(num_segments):
+        attempt = 0
+        while True:
+            word = np.random.SeedSequence([master_seed, _SPLIT_CODES[split], i, attempt])
+            seed = low + int(word.generate_state(1, np.uint32)[0]) % (high - low)
+            if seed not in seeds:
+                break
+            attempt += 1
+        seeds.append(seed)
+    return seeds
+
+
+def _shuffle_seed(master_seed: int) -> int:
+    return int(np.random.SeedSequence([master_seed, _SHUFFLE_CODE]).generate_state(1, np.uint32)[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _SegmentBatchFn:
+    """Maps an array of example indices to the stacked examples (a picklable Grain map fn)."""
+
+    vocab_size: int
+    segment: Segment
+    seed: int
+    power_a: float
+    random_filler: bool
+
+    def __call__(self, indices) -> dict[str, np.ndarray]:
+        return make_examples(
+            self.vocab_size,
+            self.segment.seq_len,
+            self.segment.num_pairs,
+            self.seed,
+            np.atleast_1d(indices),
+            power_a=self.power_a,
+            random_filler=self.random_filler,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _SegmentExampleFn(_SegmentBatchFn):
+    def __call__(self, index) -> dict[str, np.ndarray]:
+        return {name: array[0] for name, array in super().__call__(index).items()}
+
+
+def _check_segments(vocab_size, segments, power_a) -> list[Segment]:
+    segments = list(segments)
+    if not segments:
+        raise ValueError("segments must not be empty")
+    for seg in segments:
+        if not isinstance(seg, Segment):
+            raise ValueError(f"segments must be Segment objects, got {seg!r}")
+        check_settings(vocab_size, seg.seq_len, seg.num_pairs)
+    _check_power_a(power_a)
+    return segments
+
+
+def _check_batch_size(batch_size) -> int:
+    batch_size = _as_int("batch_size", batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
+    return batch_size
+
+
+def segment_dataset(
+    vocab_size: int,
+    segment: Segment,
+    seed: int,
+    *,
+    power_a: float = 0.01,
+    random_filler: bool = True,
+) -> grain.MapDataset:
+    """``MapDataset`` of ``segment.num_examples`` examples, element i ``make_example(.., seed, i)``.
+
+    Elements are ``{"inputs": int32[T], "labels": int32[T]}``. Like every ``MapDataset``, indices
+    past the end wrap around.
+    """
+    check_settings(vocab_size, segment.seq_len, segment.num_pairs)
+    seed = _check_seed("seed", seed)
+    fn = _SegmentExampleFn(vocab_size, segment, seed, _check_power_a(power_a), bool(random_filler))
+    return grain.MapDataset.range(segment.num_examples).map(fn)
+
+
+def _batched_segment(vocab_size, segment, seed, batch_size, drop_remainder, power_a, random_filler):
+    """Batches of one segment, each generated in one call (faster than batching single examples)."""
+    fn = _SegmentBatchFn(vocab_size, segment, seed, float(power_a), bool(random_filler))
+    return (
+        grain.MapDataset.range(segment.num_examples)
+        .batch(batch_size, drop_remainder=drop_remainder)
+        .map(fn)
+    )
+
+
+def batches_per_epoch(segments: Sequence[Segment], batch_size: int) -> int:
+    """Number of training batches in one epoch: ``sum(num_examples // batch_size)``."""
+    batch_size = _check_batch_size(batch_size)
+    return sum(seg.num_examples // batch_size for seg in segments)
+
+
+def train_dataset(
+    vocab_size: int,
+    segments: Sequence[Segment],
+    batch_size: int,
+    seed: int,
+    *,
+    power_a: float = 0.01,
+    random_filler: bool = True,
+    prefetch: int = 0,
+) -> grain.IterDataset:
+    """Endless training batches ``{"inputs": int32[B, T], "labels": int32[B, T]}``.
+
+    Segment ``i`` uses ``segment_seeds(seed, len(segments), "train")[i]``. Each segment is cut into
+    ``num_examples // batch_size`` batches (the remainder is dropped), so a batch never mixes
+    segments (segments may differ in T) and each segment contributes batches in proportion to its
+    size. One epoch is all those batches in an order shuffled from ``seed``; epochs repeat forever
+    with a different order each (Grain's index shuffle reseeds per epoch). The examples themselves
+    are the same in every epoch, as with Zoology's fixed training set.
+
+    The iterator (``iter(ds)``) supports ``get_state()`` / ``set_state(state)``; the state is a
+    small JSON-serialisable dict (``{"next_index": n}``), and restoring it yields exactly the
+    batches that would have followed.
+
+    Args:
+      prefetch: batches to prepare ahead in one background thread; 0 (default) generates each
+        batch synchronously in ``next()``. Either way the batches and states are identical.
+
+    Raises:
+      ValueError: an impossible (V, T, K) setting, or a segment with fewer examples than
+        ``batch_size`` (it would contribute no batch).
+    """
+    segments = _check_segments(vocab_size, segments, power_a)
+    batch_size = _check_batch_size(batch_size)
+    seed = _check_seed("seed", seed)
+    prefetch = _as_int("prefetch", prefetch)
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0, got prefetch={prefetch}")
+    for seg in segments:
+        if seg.num_examples < batch_size:
+            raise ValueError(
+                f"segment {seg.name} has num_examples={seg.num_examples} < "
+                f"batch_size={batch_size}; it would contribute no batch"
+            )
+    seeds = segment_seeds(seed, len(segments), "train")
+    parts = [
+        _batched_segment(vocab_size, seg, s, batch_size, True, power_a, random_filler)
+        for seg, s in zip(segments, seeds)
+    ]
+    epoch = grain.MapDataset.concatenate(parts)
+    # shuffle() permutes within each epoch of length len(epoch) and derives the permutation from
+    # seed + epoch number; repeat(None) feeds it indices across epochs, so every epoch differs.
+    stream = epoch.shuffle(seed=_shuffle_seed(seed)).repeat(None)
+    read_options = grain.ReadOptions(
+        num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch
+    )
+    return stream.to_iter_dataset(read_options)
+
+
+def test_datasets(
+    vocab_size: int,
+    segments: Sequence[Segment],
+    batch_size: int,
+    seed: int,
+    *,
+    power_a: float = 0.01,
+    random_filler: bool = True,
+) -> dict[str, grain.MapDataset]:
+    """Evaluation batches per segment: ``{segment.name: MapDataset}`` in the order of ``segments``.
+
+    Each ``MapDataset`` has ``ceil(num_examples / batch_size)`` elements
+    ``{"inputs": int32[b, T], "labels": int32[b, T]}`` in example order; the last batch may be
+    smaller (``b < batch_size``) so every test example is scored once. Segment ``i`` uses
+    ``segment_seeds(seed, len(segments), "test")[i]``, disjoint from every training seed.
+    """
+    segments = _check_segments(vocab_size, segments, power_a)
+    batch_size = _check_batch_size(batch_size)
+    seed = _check_seed("seed", seed)
+    names = [seg.name for seg in segments]
+    if len(set(names)) != len(names):
+        raise ValueError(f"segments must have distinct names for evaluation, got {names}")
+    seeds = segment_seeds(seed, len(segments), "test")
+    return {
+        seg.name: _batched_segment(vocab_size, seg, s, batch_size, False, power_a, random_filler)
+        for seg, s in zip(segments, seeds)
+    }
+
+
+def zoology_train_segments() -> list[Segment]:
+    """Zoology's current MQAR training mixture (Based-era standard, V = 8192, batch 256)."""
+    return [
+        Segment(64, 4, 100_000),
+        Segment(128, 8, 20_000),
+        Segment(256, 16, 20_000),
+        Segment(256, 32, 20_000),
+        Segment(256, 64, 20_000),
+    ]
+
+
+def zoology_test_segments() -> list[Segment]:
+    """Zoology's current MQAR test segments: K up to T/4 and lengths up to 1024, 1000 each."""
+    return [
+        Segment(seq_len, num_pairs, 1_000)
+        for seq_len, num_pairs in [
+            (64, 4), (64, 8), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256)
+        ]
+    ]
+
+
+# Its name starts with "test_"; keep pytest from collecting it when a test module imports it.
+test_datasets.__test__ = False

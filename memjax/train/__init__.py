@@ -1,0 +1,1 @@
+"""Training: the trainer loop, optimizers, checkpoints, mesh and metric writers."""

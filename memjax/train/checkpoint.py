@@ -1,0 +1,97 @@
+"""Orbax checkpoints of the train state plus JSON extras (data-iterator state, metric sums, config).
+
+Each checkpoint step holds two items: `state` (the TrainState pytree) and `extras` (JSON). Saves
+are synchronous, so a checkpoint that `save` returned from is complete on disk; Orbax writes to
+a temporary directory and renames it, so an interrupted save never replaces a good checkpoint.
+"""
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: it belongs to another model, or it is unreadable."""
+
+
+def _differences(saved, current, prefix="") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (missing counts as different)."""
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return [] if _normalise(saved) == _normalise(current) else [
+            f"{prefix or '<root>'}: checkpoint has {saved!r}, config has {current!r}"]
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}.{key}" if prefix else key
+        if key not in saved or key not in current:
+            where = "config" if key not in saved else "checkpoint"
+            out.append(f"{name}: only in the {where}")
+        else:
+            out += _differences(saved[key], current[key], name)
+    return out
+
+
+def _normalise(value):
+    # JSON turns tuples into lists; compare the two as equal.
+    return [_normalise(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+class Checkpointer:
+    """Keeps the last `keep` checkpoints under `directory`; saving happens when the trainer asks."""
+
+    def __init__(self, directory, keep: int):
+        self.directory = Path(directory).absolute()
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=False, create=True),
+            item_names=("state", "extras"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state, extras: dict):
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    extras=ocp.args.JsonSave(extras)),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state, model_config: dict):
+        """Returns `(state, extras)` of checkpoint `step`, checked against `model_config` first.
+
+        Raises CheckpointError naming every mismatching model setting, or the step and the
+        cause when the files cannot be read into `abstract_state`.
+        """
+        try:
+            extras = self._manager.restore(
+                step, args=ocp.args.Composite(extras=ocp.args.JsonRestore())).extras
+        except Exception as error:  # Orbax raises many types for unreadable files.
+            raise CheckpointError(
+                f"checkpoint {self.directory}/{step} is unreadable ({type(error).__name__}: {error})"
+            ) from error
+        mismatches = _differences(extras.get("model"), model_config, "model")
+        if mismatches:
+            raise CheckpointError(
+                f"{self.directory} holds a checkpoint (step {step}) of a different model; "
+                "use another --workdir or the original config. Mismatches:\n  "
+                + "\n  ".join(mismatches))
+        try:
+            state = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+        except Exception as error:
+            raise CheckpointError(
+                f"checkpoint {self.directory}/{step} does not match the model's parameters or is "
+                f"corrupt ({type(error).__name__}: {error})") from error
+        return state, extras
+
+    def close(self):
+        self._manager.close()
+
+
+def abstract_like(tree, sharding):
+    """Shape/dtype/sharding placeholders of `tree`, the target Orbax restores into."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
