@@ -38,3 +38,25 @@ def to_dict(config) -> dict:
     if isinstance(config, ml_collections.ConfigDict):
         return {k: to_dict(v) for k, v in config.items()}
     return config
+
+
+def load_config(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """Loads `path/to/config.py[:arg]` as `scripts/train.py --config` does (locked), then
+    applies `overrides` (`{"train.steps": 5}`); an unknown key or a wrong type raises."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_memjax_config", path)
+    if module_spec is None:
+        raise FileNotFoundError(f"no config file at {path!r}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    config.lock()
+    for key, value in (overrides or {}).items():
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        setattr(node, leaf, value)
+    return config

@@ -29,6 +29,15 @@ def print_result(result: dict):
     print(f"run: {result['workdir']}\ncheckpoints: {result['checkpoints']}")
 
 
+def parse_flags(argv):
+    """absl flag parsing, with a one-line error for config keys that do not exist."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as error:  # ml_collections' unknown-key override errors
+        message = " ".join(str(error).replace("\\n", " ").replace("\\'", "'").split()).strip("'\"")
+        sys.exit(f"error: bad --config override: {message}")
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO.
@@ -41,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -12,7 +12,7 @@ def softmax_attention(q, k, v, *, window: int | None = None, scale: float | None
     sliding window `W(t) = {t - window < s <= t}` (the current token and `window - 1` before it).
     Logits and the softmax are computed in float32 whatever the input dtype.
     """
-    if q.ndim != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+    if q.ndim != 4 or v.ndim != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(
             f"softmax_attention expects q, k [B, T, H, K] and v [B, T, H, V] with matching B, T, H;"
             f" got q {q.shape}, k {k.shape}, v {v.shape}")

@@ -88,6 +88,11 @@ class Checkpointer:
                 f"corrupt ({type(error).__name__}: {error})") from error
         return state, extras
 
+    def read_state(self, step: int):
+        """The saved state at `step` as nested dicts of arrays, without a target (for analysis)."""
+        return self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+
     def close(self):
         self._manager.close()
 

@@ -1,0 +1,173 @@
+"""Tests for memjax.ops.attention.softmax_attention against an independent float64 NumPy oracle.
+
+The oracle below is written from the equation with explicit loops over t:
+
+    o_t = sum_{s in W(t)} softmax_s(scale * q_t . k_s) v_s,
+    W(t) = {s : s <= t}                   (full causal attention, window=None)
+    W(t) = {s : t - window < s <= t}       (sliding window: the current token and window-1 before)
+
+Tight checks run in float64 with x64 switched on only inside each test (never globally, since
+tests share worker processes). float32 / bfloat16 inputs are checked against the same oracle
+with stated relative-RMS tolerances. Shapes are tiny: the cost on CPU is compilations.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memjax.ops.attention import softmax_attention
+
+B, H, K, V = 2, 2, 4, 3
+
+F64_TOL = dict(rtol=1e-12, atol=1e-12)
+# Central finite difference with step 1e-6 in float64: truncation ~eps^2, round-off ~1e-16/eps,
+# so ~1e-10 relative error in the directional derivative; 1e-7 leaves a wide margin.
+FD_EPS = 1e-6
+FD_RTOL = 1e-7
+# Relative RMS error vs the float64 oracle (run on the already-rounded inputs, so this measures
+# the operator's error only). float32: summation order only. bfloat16: dominated by rounding o
+# itself to bfloat16 (2^-9 relative ~ 2e-3); logits and softmax are float32.
+LOW_PRECISION_TOL = {"float32": 1e-5, "bfloat16": 1e-2}
+
+
+@pytest.fixture
+def x64():
+    """Enable float64 for the duration of one test only."""
+    with jax.enable_x64(True):
+        yield
+
+
+def softmax_attention_np(q, k, v, window=None, scale=None):
+    """Causal (optionally sliding-window) softmax attention in float64, loop over t, b, h."""
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    nb, nt, nh, nk = q.shape
+    scale = nk**-0.5 if scale is None else float(scale)
+    o = np.zeros(v.shape, dtype=np.float64)
+    for t in range(nt):
+        first = 0 if window is None else max(0, t - window + 1)  # t - window < s <= t
+        for b in range(nb):
+            for h in range(nh):
+                logits = np.array([scale * (q[b, t, h] @ k[b, s, h]) for s in range(first, t + 1)])
+                w = np.exp(logits - logits.max())
+                w /= w.sum()
+                o[b, t, h] = sum(w[i] * v[b, s, h] for i, s in enumerate(range(first, t + 1)))
+    return o
+
+
+def make_inputs(seed, T):
+    rng = np.random.default_rng(seed)
+    # Scale logits up a little (norm ~2) so the softmax is far from uniform.
+    q = 1.5 * rng.normal(size=(B, T, H, K))
+    k = 1.5 * rng.normal(size=(B, T, H, K))
+    v = rng.normal(size=(B, T, H, V))
+    return q, k, v
+
+
+def rel_rms(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return np.sqrt(np.mean((x - ref) ** 2)) / np.sqrt(np.mean(ref**2))
+
+
+def test_oracle_window_ge_T_is_full():
+    """Sanity of the oracle itself: a window at least T long is full causal attention."""
+    q, k, v = make_inputs(0, 5)
+    np.testing.assert_allclose(softmax_attention_np(q, k, v, window=5), softmax_attention_np(q, k, v))
+    # And window=1 returns v.
+    np.testing.assert_allclose(softmax_attention_np(q, k, v, window=1), v, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize(
+    "T, window, scale",
+    [
+        (7, None, None),
+        (13, None, None),
+        (7, 1, None),
+        (13, 3, None),
+        (7, 3, None),
+        (7, 20, None),  # window larger than T
+        (13, None, 0.37),  # custom scale
+        (13, 5, 1.9),
+    ],
+)
+def test_matches_numpy_float64(x64, T, window, scale):
+    q, k, v = make_inputs(T + (window or 0), T)
+    o = softmax_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), window=window, scale=scale)
+    assert o.dtype == jnp.float64, "float64 inputs must give a float64 output"
+    np.testing.assert_allclose(np.asarray(o), softmax_attention_np(q, k, v, window, scale), **F64_TOL)
+
+
+@pytest.mark.parametrize("T, window", [(7, None), (13, 3)])
+def test_gradients_float64_vs_finite_difference(x64, T, window):
+    """d/d(eps) <c, o(x + eps d)> from JAX autodiff vs a central difference of the oracle."""
+    rng = np.random.default_rng(100 + T)
+    q, k, v = make_inputs(T, T)
+    cot = rng.normal(size=(B, T, H, V))
+    dq, dk, dv = (rng.normal(size=x.shape) for x in (q, k, v))
+    scale = 0.8
+
+    def loss_jax(q, k, v):
+        return jnp.sum(softmax_attention(q, k, v, window=window, scale=scale) * cot)
+
+    def loss_np(q, k, v):
+        return np.sum(softmax_attention_np(q, k, v, window, scale) * cot)
+
+    gq, gk, gv = jax.grad(loss_jax, argnums=(0, 1, 2))(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    analytic = np.sum(np.asarray(gq) * dq) + np.sum(np.asarray(gk) * dk) + np.sum(np.asarray(gv) * dv)
+    plus = loss_np(q + FD_EPS * dq, k + FD_EPS * dk, v + FD_EPS * dv)
+    minus = loss_np(q - FD_EPS * dq, k - FD_EPS * dk, v - FD_EPS * dv)
+    numeric = (plus - minus) / (2 * FD_EPS)
+    assert abs(analytic - numeric) <= FD_RTOL * max(1.0, abs(numeric)), (analytic, numeric)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_low_precision(dtype, window):
+    T = 13
+    q, k, v = (jnp.asarray(x, dtype) for x in make_inputs(7, T))
+    o = softmax_attention(q, k, v, window=window)
+    assert o.dtype == jnp.dtype(dtype), "output must have v's dtype"
+    q64, k64, v64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v))
+    err = rel_rms(o.astype(jnp.float32), softmax_attention_np(q64, k64, v64, window))
+    assert err < LOW_PRECISION_TOL[dtype], f"{dtype} window={window}: relative RMS error {err:.2e}"
+
+
+def test_window_one_returns_v():
+    q, k, v = (jnp.asarray(x, jnp.float32) for x in make_inputs(3, 7))
+    o = softmax_attention(q, k, v, window=1)
+    # Softmax over a single visible key is exactly 1; the masked ones are exactly 0.
+    np.testing.assert_allclose(np.asarray(o), np.asarray(v), rtol=1e-6, atol=1e-7)
+
+
+def test_output_dtype_follows_v():
+    q, k, v = (jnp.asarray(x, jnp.float32) for x in make_inputs(4, 5))
+    o = softmax_attention(q, k, v.astype(jnp.bfloat16))
+    assert o.dtype == jnp.bfloat16
+
+
+def _arr(*shape):
+    return np.zeros(shape, np.float32)  # shape checks only; NumPy keeps collection JAX-free
+
+
+@pytest.mark.parametrize(
+    "q, k, v, what",
+    [
+        (_arr(2, 5, 2, 4)[0], _arr(5, 2, 4), _arr(5, 2, 3), r"\[B, T, H, K\]"),  # rank 3 q, k, v
+        (_arr(2, 5, 2, 4), _arr(2, 5, 2, 5), _arr(2, 5, 2, 3), r"k \(2, 5, 2, 5\)"),  # k's K differs
+        (_arr(2, 5, 2, 4), _arr(2, 6, 2, 4), _arr(2, 5, 2, 3), r"k \(2, 6, 2, 4\)"),  # k's T differs
+        (_arr(2, 5, 2, 4), _arr(2, 5, 2, 4), _arr(2, 6, 2, 3), r"v \(2, 6, 2, 3\)"),  # v's T differs
+        (_arr(2, 5, 2, 4), _arr(2, 5, 2, 4), _arr(2, 5, 3, 3), r"v \(2, 5, 3, 3\)"),  # v's H differs
+        (_arr(2, 5, 2, 4), _arr(2, 5, 2, 4), _arr(2, 5, 2), r"v \(2, 5, 2\)"),  # v has rank 3
+    ],
+    ids=["rank3", "k_head_dim", "k_seq_len", "v_seq_len", "v_heads", "v_rank3"],
+)
+def test_bad_shapes_raise(q, k, v, what):
+    with pytest.raises(ValueError, match=what):
+        softmax_attention(q, k, v)
+
+
+@pytest.mark.parametrize("window", [0, -1, -5])
+def test_bad_window_raises(window):
+    q = _arr(1, 4, 1, 2)
+    with pytest.raises(ValueError, match=rf"window must be a positive.*got {window}"):
+        softmax_attention(q, q, q, window=window)

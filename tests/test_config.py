@@ -1,0 +1,53 @@
+"""Configs are locked: unknown keys, wrong types and unknown presets fail, naming the key."""
+
+import subprocess
+import sys
+
+import pytest
+
+from memjax.config import load_config, parse_arg
+
+
+def test_parse_arg_values_flags_and_unknown_keys():
+    assert parse_arg("model=deltanet,smoke,d_model=128", model="attention", smoke=False, d_model=64) == {
+        "model": "deltanet", "smoke": True, "d_model": 128}
+    with pytest.raises(ValueError, match="unknown config argument 'modle'"):
+        parse_arg("modle=x", model="attention")
+    with pytest.raises(ValueError, match="'d_model' needs a value"):
+        parse_arg("d_model", d_model=64)
+
+
+def test_mqar_presets_pick_the_mixer_and_its_options():
+    config = load_config("configs/mqar.py:model=linear_attention")
+    assert config.model.mixer.name == "linear_attention"
+    assert set(config.model.mixer) == {"name", "num_heads", "chunk_size", "impl"}
+    window = load_config("configs/mqar.py:model=sliding_window")
+    assert (window.model.mixer.name, window.model.mixer.window) == ("attention", 16)
+    with pytest.raises(KeyError, match="unknown mixer 'nope'"):
+        load_config("configs/mqar.py:model=nope")
+
+
+def test_overrides_are_type_checked_and_locked():
+    assert load_config("configs/mqar.py:smoke", {"train.steps": 7}).train.steps == 7
+    with pytest.raises(AttributeError, match="stepz"):
+        load_config("configs/mqar.py:smoke", {"train.stepz": 7})
+    with pytest.raises(TypeError, match="steps"):
+        load_config("configs/mqar.py:smoke", {"train.steps": "many"})
+
+
+def test_vocab_size_is_shared_by_task_and_model():
+    config = load_config("configs/mqar.py:smoke", {"task.vocab_size": 128})
+    assert config.model.vocab_size == 128
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.train.stepz=3", "stepz"),
+    ("--config.train.steps=abc", "config.train.steps=abc"),
+])
+def test_command_line_rejects_bad_overrides(tmp_path, override, expected):
+    run = subprocess.run(
+        [sys.executable, "scripts/train.py", "--config", "configs/mqar.py:smoke",
+         "--workdir", str(tmp_path / "run"), override], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert expected in run.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,193 @@
+"""Trainer: exact resume, completion, preemption save, bad inputs, data parallelism."""
+
+import json
+import os
+import re
+import signal
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from memjax.config import load_config
+from memjax.train.checkpoint import CheckpointError
+from memjax.train.metrics import read_metrics
+from memjax.train.trainer import Preempted, TrainingDiverged, train
+
+# Checkpoints every 7 steps and logs every 5, so a resume lands inside a logging window.
+SMOKE = {"train.steps": 20, "train.checkpoint_every": 7, "train.log_every": 5,
+         "train.eval_every": 10, "train.keep_checkpoints": 2}
+
+
+def smoke_config(**overrides):
+    return load_config("configs/mqar.py:smoke", SMOKE | overrides)
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(step_to_crash):
+    def hook(step, state):
+        if step == step_to_crash:
+            raise Crash(f"simulated crash at step {step}")
+    return hook
+
+
+def deterministic_metrics(workdir):
+    """metrics.jsonl without timing entries, which differ between any two runs."""
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in read_metrics(workdir)]
+
+
+def final_params(workdir):
+    from memjax.train.checkpoint import Checkpointer
+    checkpoints = Checkpointer(workdir / "checkpoints", keep=2)
+    step = checkpoints.latest_step()
+    state = checkpoints.read_state(step)
+    checkpoints.close()
+    return step, state
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("whole")
+    result = train(smoke_config(), workdir)
+    return workdir, result
+
+
+def as_numpy(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(x))
+    return np.asarray(x)
+
+
+def assert_same_run(workdir_a, workdir_b, result_a, result_b):
+    step_a, state_a = final_params(workdir_a)
+    step_b, state_b = final_params(workdir_b)
+    assert step_a == step_b == 20
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(as_numpy(a), as_numpy(b)), state_a, state_b)
+    assert deterministic_metrics(workdir_a) == deterministic_metrics(workdir_b)
+    keys = [k for k in result_a if k.startswith("test/")]
+    assert keys and all(result_a[k] == result_b[k] for k in keys)
+
+
+def test_crash_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
+    workdir_a, result_a = uninterrupted
+    with pytest.raises(Crash):
+        train(smoke_config(), tmp_path, hooks=[crash_at(17)])  # last checkpoint: step 14
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["14", "7"]
+    result_b = train(smoke_config(), tmp_path)
+    assert_same_run(workdir_a, tmp_path, result_a, result_b)
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="signal handlers can only be installed from the main thread")
+def test_sigterm_saves_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
+    workdir_a, result_a = uninterrupted
+
+    def send_sigterm(step, state):
+        if step == 12:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted, match="SIGTERM at step 12"):
+        train(smoke_config(), tmp_path, hooks=[send_sigterm])
+    assert "12" in os.listdir(tmp_path / "checkpoints")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    result_b = train(smoke_config(), tmp_path)
+    assert_same_run(workdir_a, tmp_path, result_a, result_b)
+
+
+def test_completed_run_is_reported_not_retrained(uninterrupted, capsys):
+    workdir, result = uninterrupted
+    before = (workdir / "metrics.jsonl").read_text()
+    again = train(smoke_config(), workdir)
+    assert "already complete" in capsys.readouterr().out
+    assert again == result
+    assert (workdir / "metrics.jsonl").read_text() == before
+
+
+def test_result_reports_per_segment_accuracy_and_state_size(uninterrupted):
+    workdir, result = uninterrupted
+    assert set(result) >= {"test/T16_K2/accuracy", "test/T32_K4/accuracy", "test/accuracy",
+                           "state_size_bytes", "num_params"}
+    assert json.loads((workdir / "result.json").read_text()) == result
+    # Attention's state is its KV cache at the training length (16) plus the conv buffers.
+    d, layers, conv = 16, 2, 4
+    assert result["state_size_bytes"] == layers * (2 * d * 16 * 4 + (conv - 1) * d * 4)
+
+
+def snapshot(directory):
+    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in directory.rglob("*") if p.is_file()}
+
+
+def test_incompatible_checkpoint_is_rejected_and_kept(tmp_path):
+    with pytest.raises(Crash):
+        train(smoke_config(), tmp_path, hooks=[crash_at(8)])
+    before = snapshot(tmp_path)
+    with pytest.raises(CheckpointError, match=r"model\.d_model: checkpoint has 16, config has 32"):
+        train(smoke_config(**{"model.d_model": 32}), tmp_path)
+    assert snapshot(tmp_path) == before
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path):
+    with pytest.raises(Crash):
+        train(smoke_config(), tmp_path, hooks=[crash_at(8)])
+    for f in (tmp_path / "checkpoints" / "7" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f):
+            f.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="checkpoints/7"):
+        train(smoke_config(), tmp_path)
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path):
+    config = smoke_config(**{"train.lr": 1e30, "train.grad_clip": 0.0, "train.checkpoint_every": 1})
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss \(\S+\) at step (\d+)") as info:
+        train(config, tmp_path)
+    bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    assert saved and max(saved) == bad_step - 1
+    assert not (tmp_path / "result.json").exists()
+
+
+@pytest.mark.parametrize("segment, problem", [
+    ((16, 5, 512), "num_pairs"),
+    ((15, 2, 512), "seq_len"),
+    ((16, 2, 8), "batch"),
+])
+def test_impossible_mqar_settings_fail_before_writing(tmp_path, segment, problem):
+    config = smoke_config(**{"task.train_segments": (segment,)})
+    with pytest.raises(ValueError, match=problem):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_vocab_smaller_than_length_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match=r"task.train_segments\[0\].*vocab_size"):
+        train(smoke_config(**{"task.vocab_size": 16}), tmp_path / "run")
+
+
+def test_data_parallel_on_8_devices_matches_one_device(tmp_path):
+    assert jax.device_count() >= 8
+    overrides = {"train.steps": 6, "train.log_every": 1, "train.eval_every": 6,
+                 "train.checkpoint_every": 6}
+    seen = {}
+
+    def record_sharding(step, state):
+        seen[step] = jax.tree.leaves(state.params)[0].sharding.mesh.devices.size
+
+    one = train(smoke_config(**overrides, **{"mesh.data": 1}), tmp_path / "one")
+    eight = train(smoke_config(**overrides, **{"mesh.data": 8}), tmp_path / "eight",
+                  hooks=[record_sharding])
+    assert set(seen.values()) == {8}
+    losses_one = [r["train/loss"] for r in read_metrics(tmp_path / "one") if "train/loss" in r]
+    losses_eight = [r["train/loss"] for r in read_metrics(tmp_path / "eight") if "train/loss" in r]
+    assert len(losses_one) == 6
+    np.testing.assert_allclose(losses_eight, losses_one, rtol=1e-5)
+    assert abs(one["test/accuracy"] - eight["test/accuracy"]) < 1e-6
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+    with pytest.raises(ValueError, match=r"task.batch_size = 16 is not divisible by the 3 devices"):
+        train(smoke_config(**{"mesh.data": 3}), tmp_path / "run")
