@@ -33,5 +33,7 @@ class Attention(nn.Module):
 
     def state_size(self, seq_len: int) -> int:
         """Bytes of the key/value cache needed to decode after `seq_len` tokens (float32)."""
+        if self.window < 0:
+            raise ValueError(f"window must be >= 0 (0 = full attention), got {self.window}")
         cached = min(seq_len, self.window) if self.window else seq_len
         return 2 * self.d_model * cached * FLOAT32_BYTES
