@@ -1,6 +1,7 @@
 """Softmax attention mixers: full causal attention and sliding-window attention."""
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from memjax.layers.registry import MIXERS
@@ -13,7 +14,9 @@ FLOAT32_BYTES = 4
 class Attention(nn.Module):
     """Multi-head causal softmax attention; `window > 0` restricts it to the last `window` tokens.
 
-    Input and output `[B, T, d_model]`. Its decoding state is the key/value cache.
+    Input and output `[B, T, d_model]`. Decoding state (`init_cache`): key and value buffers
+    `[B, max_len, H, d_model / H]` and the number of tokens seen. `__call__(x, cache)` treats x
+    as the continuation of the cached tokens and returns `(y, cache)`.
     """
 
     d_model: int
@@ -21,15 +24,32 @@ class Attention(nn.Module):
     window: int = 0
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, cache=None):
         batch, seq_len, _ = x.shape
-        if self.d_model % self.num_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
-        head_dim = self.d_model // self.num_heads
+        head_dim = self._head_dim()
         qkv = nn.Dense(3 * self.d_model, use_bias=False, name="qkv")(x)
         q, k, v = jnp.split(qkv.reshape(batch, seq_len, self.num_heads, 3 * head_dim), 3, axis=-1)
-        o = softmax_attention(q, k, v, window=self.window or None)
-        return nn.Dense(self.d_model, use_bias=False, name="out")(o.reshape(batch, seq_len, -1))
+        out = nn.Dense(self.d_model, use_bias=False, name="out")
+        if cache is None:
+            o = softmax_attention(q, k, v, window=self.window or None)
+            return out(o.reshape(batch, seq_len, -1))
+        start = cache["length"]
+        keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1)
+        values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1)
+        o = softmax_attention(q, keys, values, window=self.window or None, q_offset=start)
+        new_cache = {"k": keys, "v": values, "length": start + seq_len}
+        return out(o.astype(x.dtype).reshape(batch, seq_len, -1)), new_cache
+
+    def _head_dim(self) -> int:
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
+        return self.d_model // self.num_heads
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """Empty key/value buffers for up to `max_len` tokens (float32)."""
+        shape = (batch_size, max_len, self.num_heads, self._head_dim())
+        return {"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32),
+                "length": jnp.zeros((), jnp.int32)}
 
     def state_size(self, seq_len: int) -> int:
         """Bytes of the key/value cache needed to decode after `seq_len` tokens (float32)."""

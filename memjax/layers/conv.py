@@ -9,18 +9,24 @@ class ShortConv(nn.Module):
 
     Causal: position t sees only itself and the `kernel_size - 1` positions before it, which
     lets a following mixer combine each token with its predecessors (needed for recall).
+    Decoding state (`init_cache`): the last `kernel_size - 1` inputs `[B, kernel_size - 1, D]`;
+    `__call__(x, cache)` continues after them and returns `(y, cache)`.
     """
 
     kernel_size: int
 
     @nn.compact
-    def __call__(self, x):
-        channels = x.shape[-1]
-        weight = self.param("weight", nn.initializers.normal(self.kernel_size**-0.5), (self.kernel_size, channels))
+    def __call__(self, x, cache=None):
+        channels, seq_len, width = x.shape[-1], x.shape[1], self.kernel_size - 1
+        weight = self.param("weight", nn.initializers.normal(self.kernel_size**-0.5),
+                            (self.kernel_size, channels))
         bias = self.param("bias", nn.initializers.zeros, (channels,))
-        padded = jnp.pad(x, ((0, 0), (self.kernel_size - 1, 0), (0, 0)))
-        seq_len = x.shape[1]
+        history = jnp.zeros((x.shape[0], width, channels), x.dtype) if cache is None else cache
+        padded = jnp.concatenate([history.astype(x.dtype), x], axis=1)
         # taps[i] is x shifted right by i; kernel_size is small so a sum of shifts beats a conv op.
-        y = sum(weight[i] * padded[:, self.kernel_size - 1 - i : self.kernel_size - 1 - i + seq_len]
-                for i in range(self.kernel_size))
-        return y + bias
+        y = sum(weight[i] * padded[:, width - i : width - i + seq_len] for i in range(self.kernel_size))
+        y = y + bias
+        return y if cache is None else (y, padded[:, padded.shape[1] - width :].astype(history.dtype))
+
+    def init_cache(self, batch_size: int, channels: int):
+        return jnp.zeros((batch_size, self.kernel_size - 1, channels), jnp.float32)

@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from memjax.layers.registry import MIXERS
-from memjax.ops import linear_attention
+from memjax.ops import linear_attention, linear_attention_step
 
 FLOAT32_BYTES = 4
 
@@ -15,7 +15,8 @@ class LinearAttention(nn.Module):
 
     Per head: `S_t = S_{t-1} + k_t v_t^T`, `o_t = S_t^T q_t / sqrt(K)`; the head outputs are
     RMS-normalised (the unnormalised memory grows with t) and projected back to d_model.
-    Input and output `[B, T, d_model]`; `initial_state` / returned state `[B, H, K, V]`.
+    Input and output `[B, T, d_model]`. Decoding state (`init_cache`): `{"state": [B, H, K, V]}`;
+    `__call__(x, cache)` continues from it and returns `(y, cache)`.
     """
 
     d_model: int
@@ -24,21 +25,34 @@ class LinearAttention(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, initial_state=None, return_state: bool = False):
+    def __call__(self, x, cache=None):
         batch, seq_len, _ = x.shape
-        if self.d_model % self.num_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
-        head_dim = self.d_model // self.num_heads
+        head_dim = self._head_dim()
         qkv = nn.Dense(3 * self.d_model, use_bias=False, name="qkv")(x)
         q, k, v = jnp.split(qkv.reshape(batch, seq_len, self.num_heads, 3 * head_dim), 3, axis=-1)
-        o, state = linear_attention(
-            q, k, v, initial_state=initial_state, impl=self.impl, chunk_size=self.chunk_size)
+        initial_state = None if cache is None else cache["state"]
+        if cache is not None and seq_len == 1:  # decoding: the one-token form skips chunking
+            o, state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], initial_state)
+            o = o[:, None]
+        else:
+            o, state = linear_attention(q, k, v, initial_state=initial_state, impl=self.impl,
+                                        chunk_size=self.chunk_size)
         o = nn.RMSNorm(name="head_norm")(o).reshape(batch, seq_len, self.d_model)
         y = nn.Dense(self.d_model, use_bias=False, name="out")(o)
-        return (y, state) if return_state else y
+        return y if cache is None else (y, {"state": state})
+
+    def _head_dim(self) -> int:
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
+        return self.d_model // self.num_heads
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        del max_len  # the recurrent state does not grow with the sequence
+        head_dim = self._head_dim()
+        return {"state": jnp.zeros((batch_size, self.num_heads, head_dim, head_dim), jnp.float32)}
 
     def state_size(self, seq_len: int) -> int:
         """Bytes of the recurrent state, independent of `seq_len`: H * K * V float32."""
         del seq_len
-        head_dim = self.d_model // self.num_heads
+        head_dim = self._head_dim()
         return self.num_heads * head_dim * head_dim * FLOAT32_BYTES

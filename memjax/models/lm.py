@@ -1,6 +1,7 @@
 """Language-model backbone: embedding, pre-norm blocks around a named token mixer, LM head."""
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from memjax.layers import GatedMLP, ShortConv, build_mixer
@@ -18,7 +19,10 @@ def _norm(kind: str, name: str) -> nn.Module:
 
 
 class Block(nn.Module):
-    """`h = x + mixer(conv(norm(x)))`, then `h + mlp(norm(h))` when the MLP is on. `[B, T, D]`."""
+    """`h = x + mixer(conv(norm(x)))`, then `h + mlp(norm(h))` when the MLP is on. `[B, T, D]`.
+
+    With `cache` (`{"conv": ..., "mixer": ...}`) x continues the cached tokens; returns `(x, cache)`.
+    """
 
     d_model: int
     mixer: dict
@@ -27,15 +31,31 @@ class Block(nn.Module):
     norm: str
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, cache=None):
+        new_cache = {}
         h = _norm(self.norm, "mixer_norm")(x)
         if self.short_conv:
-            h = ShortConv(self.short_conv, name="short_conv")(h)
-        x = x + build_mixer(self.d_model, self.mixer, name="mixer")(h)
+            conv = ShortConv(self.short_conv, name="short_conv")
+            if cache is None:
+                h = conv(h)
+            else:
+                h, new_cache["conv"] = conv(h, cache["conv"])
+        mixer = build_mixer(self.d_model, self.mixer, name="mixer")
+        if cache is None:
+            x = x + mixer(h)
+        else:
+            y, new_cache["mixer"] = mixer(h, cache["mixer"])
+            x = x + y
         if self.mlp_ratio:
             hidden = int(self.mlp_ratio * self.d_model)
             x = x + GatedMLP(self.d_model, hidden, name="mlp")(_norm(self.norm, "mlp_norm")(x))
-        return x
+        return x if cache is None else (x, new_cache)
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        cache = {"mixer": build_mixer(self.d_model, self.mixer, parent=None).init_cache(batch_size, max_len)}
+        if self.short_conv:
+            cache["conv"] = ShortConv(self.short_conv, parent=None).init_cache(batch_size, self.d_model)
+        return cache
 
 
 @MODELS.register("lm")
@@ -44,7 +64,10 @@ class LanguageModel(nn.Module):
 
     `__call__(tokens [B, T] int, positions=None)` returns logits `[B, T, vocab]`, or only at
     `positions [B, M]` (`[B, M, vocab]`): tasks supervised at few positions (MQAR queries) then
-    skip the vocab-sized product everywhere else. `pos_emb="learned"` adds absolute position
+    skip the vocab-sized product everywhere else.
+    Decoding: `cache = model.init_cache(B, max_len)`, then `logits, cache = model.apply(params,
+    tokens, cache=cache)` for a prompt (prefill) and again for each new token; the logits equal
+    those of one forward pass over the whole sequence. `pos_emb="learned"` adds absolute position
     embeddings up to `max_len`; `"none"` relies on the mixers (and short convolution) for order.
     """
 
@@ -60,7 +83,7 @@ class LanguageModel(nn.Module):
     tie_embeddings: bool = True
 
     @nn.compact
-    def __call__(self, tokens, positions=None):
+    def __call__(self, tokens, positions=None, cache=None):
         embed = nn.Embed(self.vocab_size, self.d_model, embedding_init=nn.initializers.normal(0.02),
                          name="embed")
         x = embed(tokens)
@@ -69,18 +92,35 @@ class LanguageModel(nn.Module):
                 raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len {self.max_len}"
                                  " of the learned position embedding")
             table = self.param("pos_embed", nn.initializers.normal(0.02), (self.max_len, self.d_model))
-            x = x + table[: tokens.shape[1]]
+            start = 0 if cache is None else cache["length"]
+            x = x + jax.lax.dynamic_slice_in_dim(table, start, tokens.shape[1])
         elif self.pos_emb != "none":
             raise ValueError(f"unknown pos_emb {self.pos_emb!r}; known: none, learned")
+        block_caches = []
         for i in range(self.num_layers):
-            x = Block(self.d_model, self.mixer, self.short_conv, self.mlp_ratio, self.norm,
-                      name=f"block_{i}")(x)
+            block = Block(self.d_model, self.mixer, self.short_conv, self.mlp_ratio, self.norm,
+                          name=f"block_{i}")
+            if cache is None:
+                x = block(x)
+            else:
+                x, block_cache = block(x, cache["blocks"][i])
+                block_caches.append(block_cache)
         x = _norm(self.norm, "final_norm")(x)
         if positions is not None:
             x = jnp.take_along_axis(x, positions[..., None], axis=1)
         if self.tie_embeddings:
-            return embed.attend(x)
-        return nn.Dense(self.vocab_size, use_bias=False, name="lm_head")(x)
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(self.vocab_size, use_bias=False, name="lm_head")(x)
+        if cache is None:
+            return logits
+        return logits, {"length": cache["length"] + tokens.shape[1], "blocks": block_caches}
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """An empty decoding cache for `batch_size` sequences of up to `max_len` tokens."""
+        block = Block(self.d_model, self.mixer, self.short_conv, self.mlp_ratio, self.norm, parent=None)
+        return {"length": jnp.zeros((), jnp.int32),
+                "blocks": [block.init_cache(batch_size, max_len) for _ in range(self.num_layers)]}
 
     def state_size(self, seq_len: int) -> int:
         """Bytes of recurrent state to decode after `seq_len` tokens: mixers plus conv buffers."""

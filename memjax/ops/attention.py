@@ -4,26 +4,34 @@ import jax
 import jax.numpy as jnp
 
 
-def softmax_attention(q, k, v, *, window: int | None = None, scale: float | None = None):
-    """Causal multi-head softmax attention.
+def softmax_attention(q, k, v, *, window: int | None = None, scale: float | None = None,
+                      q_offset=0):
+    """Causal multi-head softmax attention, optionally against a longer key/value cache.
 
-    q, k: `[B, T, H, K]`; v: `[B, T, H, V]`; returns o `[B, T, H, V]` in v's dtype.
-    `o_t = sum_{s in W(t)} softmax_s(scale * q_t . k_s) v_s` with `W(t) = {s <= t}`, or with a
-    sliding window `W(t) = {t - window < s <= t}` (the current token and `window - 1` before it).
+    q: `[B, T, H, K]`; k: `[B, S, H, K]`; v: `[B, S, H, V]` (S = T without a cache); returns o
+    `[B, T, H, V]` in v's dtype. Query t sits at absolute position `p_t = q_offset + t` (an int
+    or a traced int32 scalar), key s at position s:
+    `o_t = sum_{s in W(t)} softmax_s(scale * q_t . k_s) v_s` with `W(t) = {s <= p_t}`, or with a
+    sliding window `W(t) = {p_t - window < s <= p_t}` (the current token and `window - 1` before).
+    Cache slots beyond the current position are masked, so an unfilled cache needs no care.
     Logits and the softmax are computed in float32 for float32/bfloat16 inputs (float64 for float64).
     """
-    if q.ndim != 4 or v.ndim != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+    if (q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k.shape[0] != q.shape[0]
+            or k.shape[2:] != q.shape[2:] or v.shape[:3] != k.shape[:3]):
         raise ValueError(
-            f"softmax_attention expects q, k [B, T, H, K] and v [B, T, H, V] with matching B, T, H;"
-            f" got q {q.shape}, k {k.shape}, v {v.shape}")
+            "softmax_attention expects q [B, T, H, K], k [B, S, H, K], v [B, S, H, V] with matching"
+            f" B, H, K and S; got q {q.shape}, k {k.shape}, v {v.shape}")
+    if isinstance(q_offset, int) and q_offset == 0 and k.shape[1] != q.shape[1]:
+        raise ValueError(f"k has {k.shape[1]} positions but q has {q.shape[1]}: pass q_offset "
+                         "when attending to a key/value cache")
     if window is not None and window < 1:
         raise ValueError(f"window must be a positive number of tokens or None, got {window}")
-    seq_len, head_dim = q.shape[1], q.shape[3]
+    head_dim = q.shape[3]
     scale = head_dim**-0.5 if scale is None else scale
     compute_dtype = jnp.promote_types(q.dtype, jnp.float32)  # float32, or float64 under x64
     logits = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=compute_dtype) * scale
-    t = jnp.arange(seq_len)[:, None]
-    s = jnp.arange(seq_len)[None, :]
+    t = q_offset + jnp.arange(q.shape[1])[:, None]
+    s = jnp.arange(k.shape[1])[None, :]
     visible = s <= t
     if window is not None:
         visible &= s > t - window

@@ -120,8 +120,10 @@ def la_params():
 @pytest.mark.parametrize("T", [12, 10])  # a multiple of chunk_size and not
 def test_linear_attention_reference_equals_chunk(la_params, T):
     x = randn(T, 2, T, D)
-    y_ref, s_ref = la_layer("reference").apply(la_params, x, return_state=True)
-    y_chunk, s_chunk = la_layer("chunk").apply(la_params, x, return_state=True)
+    fresh = la_layer("reference").init_cache(2, T)
+    y_ref, s_ref = la_layer("reference").apply(la_params, x, fresh)
+    y_chunk, s_chunk = la_layer("chunk").apply(la_params, x, fresh)
+    s_ref, s_chunk = s_ref["state"], s_chunk["state"]
     assert y_ref.shape == y_chunk.shape == (2, T, D)
     head_dim = D // LA_HEADS
     assert s_ref.shape == s_chunk.shape == (2, LA_HEADS, head_dim, head_dim)
@@ -140,9 +142,11 @@ def test_linear_attention_two_halves_equal_whole(la_params, impl):
     T, split = 11, 6  # the split is not chunk-aligned
     x = randn(3, 2, T, D)
     layer = la_layer(impl)
-    y_whole, s_whole = layer.apply(la_params, x, return_state=True)
-    y1, s1 = layer.apply(la_params, x[:, :split], return_state=True)
-    y2, s2 = layer.apply(la_params, x[:, split:], initial_state=s1, return_state=True)
+    fresh = layer.init_cache(2, T)
+    y_whole, s_whole = layer.apply(la_params, x, fresh)
+    y1, s1 = layer.apply(la_params, x[:, :split], fresh)
+    y2, s2 = layer.apply(la_params, x[:, split:], s1)
+    s2, s_whole = s2["state"], s_whole["state"]
     np.testing.assert_allclose(np.asarray(jnp.concatenate([y1, y2], 1)), np.asarray(y_whole), **F32_TOL)
     np.testing.assert_allclose(np.asarray(s2), np.asarray(s_whole), rtol=1e-5, atol=1e-4)
 
