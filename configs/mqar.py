@@ -12,7 +12,7 @@ accuracy reaches 0.99; expected: test accuracy >= 0.99 on T64_K4 in a few minute
         --config.train.steps=500 --config.model.d_model=128
 
 Arguments after `:` (comma-separated): `model=<mixer>` (a registered mixer or a preset below),
-`d_model=<int>`, `smoke` (a tiny, fast run for tests).
+`d_model=<int>`, `T=<int>` and `pairs=<int>` (the one train/test segment), `smoke` (a tiny, fast run for tests).
 """
 
 import ml_collections
@@ -33,7 +33,7 @@ def mixer_config(model: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, model="attention", d_model=64, smoke=False)
+    arg = parse_arg(arg, model="attention", d_model=64, T=64, pairs=4, smoke=False)
     config = ml_collections.ConfigDict()
     config.seed = 0
 
@@ -41,9 +41,11 @@ def get_config(arg=None):
     config.task = ml_collections.ConfigDict()
     config.task.name = "mqar"
     config.task.vocab_size = vocab_size
-    # (seq_len, num_pairs, num_examples) per segment; a batch never mixes segments.
-    config.task.train_segments = ((64, 4, 100_000),)
-    config.task.test_segments = ((64, 4, 1_000),)
+    # (seq_len, num_pairs, num_examples) per segment; a batch never mixes segments. Example
+    # counts follow Zoology's mixture: 100k for its (64, 4) segment, 20k for the others.
+    train_examples = 100_000 if (arg["T"], arg["pairs"]) == (64, 4) else 20_000
+    config.task.train_segments = ((arg["T"], arg["pairs"], train_examples),)
+    config.task.test_segments = ((arg["T"], arg["pairs"], 1_000),)
     config.task.power_a = 0.01
     config.task.random_filler = True
     config.task.batch_size = 256

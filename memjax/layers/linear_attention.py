@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
+from memjax.layers.heads import run_recurrent
 from memjax.layers.registry import MIXERS
 from memjax.ops import linear_attention, linear_attention_step
 
@@ -30,13 +31,9 @@ class LinearAttention(nn.Module):
         head_dim = self._head_dim()
         qkv = nn.Dense(3 * self.d_model, use_bias=False, name="qkv")(x)
         q, k, v = jnp.split(qkv.reshape(batch, seq_len, self.num_heads, 3 * head_dim), 3, axis=-1)
-        initial_state = None if cache is None else cache["state"]
-        if cache is not None and seq_len == 1:  # decoding: the one-token form skips chunking
-            o, state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], initial_state)
-            o = o[:, None]
-        else:
-            o, state = linear_attention(q, k, v, initial_state=initial_state, impl=self.impl,
-                                        chunk_size=self.chunk_size)
+        o, state = run_recurrent(
+            linear_attention, linear_attention_step, None if cache is None else cache["state"],
+            {"impl": self.impl, "chunk_size": self.chunk_size}, q=q, k=k, v=v)
         o = nn.RMSNorm(name="head_norm")(o).reshape(batch, seq_len, self.d_model)
         y = nn.Dense(self.d_model, use_bias=False, name="out")(o)
         return y if cache is None else (y, {"state": state})

@@ -1,5 +1,14 @@
 """Memory operators: pure functions on arrays, one module per family (see DESIGN.md)."""
 
+from memjax.ops.delta_rule import delta_rule, delta_rule_step
+from memjax.ops.generalized_delta_rule import generalized_delta_rule, generalized_delta_rule_step
 from memjax.ops.linear_attention import linear_attention, linear_attention_step
 
-__all__ = ["linear_attention", "linear_attention_step"]
+__all__ = [
+    "delta_rule",
+    "delta_rule_step",
+    "generalized_delta_rule",
+    "generalized_delta_rule_step",
+    "linear_attention",
+    "linear_attention_step",
+]

@@ -11,9 +11,9 @@ import pytest
 from memjax.layers import MIXERS, mixer_options
 from memjax.models import build_model
 
-VOCAB, D, T, PROMPT = 32, 16, 11, 5
+VOCAB, D, T, PROMPT = 32, 16, 37, 33
 # Small chunks so the chunked forms span several chunks within T; other options at defaults.
-SMALL_OPTIONS = {"chunk_size": 4, "window": 0}
+SMALL_OPTIONS = {"chunk_size": 16, "window": 0}
 
 
 def model_for(mixer_name, **mixer_overrides):

@@ -1,0 +1,101 @@
+"""DeltaNet and Gated DeltaNet mixers (`memjax.ops.delta_rule`)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from memjax.layers.conv import ShortConv
+from memjax.layers.heads import (FLOAT32_BYTES, head_dim, l2_normalize, merge_heads, run_recurrent,
+                                 split_heads)
+from memjax.layers.registry import MIXERS
+from memjax.ops import delta_rule, delta_rule_step
+
+
+@MIXERS.register("deltanet")
+class DeltaNet(nn.Module):
+    """DeltaNet (Yang et al., 2024) and, with `gated=True`, Gated DeltaNet (Yang et al., 2025).
+
+    Per head: q, k, v = SiLU(ShortConv(W x)) with q, k L2-normalised; `beta_t = sigmoid(w_b x_t)`
+    (times 2 with `allow_neg_eigval`, so the transition `I - beta k k^T` can have eigenvalue
+    down to -1, which state tracking such as parity needs); gated: `g_t = -exp(A) softplus(w_a x_t
+    + dt_bias)` (a Mamba-2 style decay). Memory: `S_t = exp(g_t)(I - beta_t k_t k_t^T) S_{t-1}
+    + beta_t k_t v_t^T`, `o_t = S_t^T q_t / sqrt(K)`. Output: per-head RMSNorm times
+    `silu(W_g x)` (gated) or plain RMSNorm (DeltaNet), then the output projection.
+    `[B, T, d_model]` in and out; decoding cache: the state `[B, H, K, K]` and the three
+    convolution histories.
+    """
+
+    d_model: int
+    num_heads: int = 2
+    conv_size: int = 4
+    gated: bool = False
+    allow_neg_eigval: bool = False
+    chunk_size: int = 64
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, cache=None):
+        heads = self.num_heads
+        head_dim(self.d_model, heads)
+        new_cache = {}
+        streams = {}
+        for name in ("q", "k", "v"):
+            h = nn.Dense(self.d_model, use_bias=False, name=name)(x)
+            conv = ShortConv(self.conv_size, name=f"conv_{name}")
+            if cache is None:
+                h = conv(h)
+            else:
+                h, new_cache[f"conv_{name}"] = conv(h, cache[f"conv_{name}"])
+            streams[name] = split_heads(nn.silu(h), heads)
+        q, k = l2_normalize(streams["q"]), l2_normalize(streams["k"])
+        beta = jax.nn.sigmoid(nn.Dense(heads, name="beta")(x).astype(jnp.float32))
+        if self.allow_neg_eigval:
+            beta = 2.0 * beta
+        inputs = {"q": q, "k": k, "v": streams["v"], "beta": beta}
+        if self.gated:
+            inputs["g"] = self._log_decay(x)
+        o, state = run_recurrent(delta_rule, delta_rule_step, None if cache is None else cache["state"],
+                                 {"impl": self.impl, "chunk_size": self.chunk_size}, **inputs)
+        o = nn.RMSNorm(name="head_norm")(o)
+        o = merge_heads(o)
+        if self.gated:
+            o = o * nn.silu(nn.Dense(self.d_model, use_bias=False, name="gate")(x))
+        y = nn.Dense(self.d_model, use_bias=False, name="out")(o)
+        if cache is None:
+            return y
+        return y, new_cache | {"state": state}
+
+    def _log_decay(self, x):
+        """`g = -exp(A_log) * softplus(W_a x + dt_bias)`, `[B, T, H]`, in float32 (g <= 0)."""
+        heads = self.num_heads
+        a_log = self.param("A_log", lambda key: jnp.log(jax.random.uniform(key, (heads,), minval=1.0, maxval=16.0)))
+        dt_bias = self.param("dt_bias", _dt_bias_init, (heads,))
+        pre = nn.Dense(heads, use_bias=False, name="a")(x).astype(jnp.float32) + dt_bias
+        return -jnp.exp(a_log) * jax.nn.softplus(pre)
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        del max_len
+        dim = head_dim(self.d_model, self.num_heads)
+        conv = ShortConv(self.conv_size, parent=None)
+        return {"state": jnp.zeros((batch_size, self.num_heads, dim, dim), jnp.float32),
+                **{f"conv_{n}": conv.init_cache(batch_size, self.d_model) for n in ("q", "k", "v")}}
+
+    def state_size(self, seq_len: int) -> int:
+        """Bytes of decoding state: the H x K x K memory plus three convolution histories."""
+        del seq_len
+        dim = head_dim(self.d_model, self.num_heads)
+        conv = 3 * (self.conv_size - 1) * self.d_model
+        return (self.num_heads * dim * dim + conv) * FLOAT32_BYTES
+
+
+def _dt_bias_init(key, shape):
+    """Inverse softplus of time steps log-uniform in [1e-3, 0.1] (Mamba-2's initialisation)."""
+    dt = jnp.exp(jax.random.uniform(key, shape, minval=jnp.log(1e-3), maxval=jnp.log(0.1)))
+    return dt + jnp.log(-jnp.expm1(-dt))
+
+
+@MIXERS.register("gated_deltanet")
+class GatedDeltaNet(DeltaNet):
+    """Gated DeltaNet: DeltaNet with the decay gate and the SiLU output gate (`gated=True`)."""
+
+    gated: bool = True
