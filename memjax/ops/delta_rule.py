@@ -225,6 +225,90 @@ def _unit_lower_inverse(a, small_block: int = 8):
     return inv[..., 0, :C, :C]
 
 
+@jax.custom_vjp
+def _ut_transform(a, r1, r2):
+    """(X1, X2) = (I + a)^-1 (r1, r2) for strictly lower-triangular ``a`` ``[..., C, C]``.
+
+    A hand-written VJP keeps only the inverse and the two results for the backward (instead
+    of every level of the recursive inverse): with T = (I + a)^-1,
+    ``dr = T^T dX`` and ``da = -strictly_lower(sum dr X^T)``.
+    """
+    t = _unit_lower_inverse(a)
+    return t @ r1, t @ r2
+
+
+def _ut_transform_fwd(a, r1, r2):
+    t = _unit_lower_inverse(a)
+    x1, x2 = t @ r1, t @ r2
+    return (x1, x2), (t, x1, x2)
+
+
+def _ut_transform_bwd(res, cotangents):
+    t, x1, x2 = res
+    dx1, dx2 = cotangents
+    t_transposed = jnp.swapaxes(t, -1, -2)
+    dr1, dr2 = t_transposed @ dx1, t_transposed @ dx2
+    da = -(dr1 @ jnp.swapaxes(x1, -1, -2) + dr2 @ jnp.swapaxes(x2, -1, -2))
+    C = t.shape[-1]
+    da = jnp.where(jnp.tril(jnp.ones((C, C), dtype=bool), -1), da, 0.0)
+    return da, dr1, dr2
+
+
+_ut_transform.defvjp(_ut_transform_fwd, _ut_transform_bwd)
+
+
+@jax.custom_vjp
+def _state_recurrence(w, u, k_end, decay, s0):
+    """The sequential part of the chunk form: a ``lax.scan`` over the N chunks.
+
+    Per chunk n (leading axis of w, u ``[N, B, H, C, K|V]``, k_end ``[N, B, H, C, K]``, decay
+    ``[N, B, H]``), from the chunk-start state S_n ``[B, H, K, V]``::
+
+        V_new_n = U_n - W_n S_n
+        S_{n+1} = decay_n S_n + K_end_n^T V_new_n
+
+    Returns (chunk-start states ``[N, B, H, K, V]``, V_new ``[N, B, H, C, V]``, S_N).
+
+    The hand-written VJP runs one reverse scan that only carries dS and emits dS_{n+1} and
+    dV_new per chunk; every other gradient is then one batched product over all chunks. It
+    stores nothing beyond the outputs and inputs (autodiff of the scan keeps extra copies).
+    """
+    return _state_recurrence_fwd(w, u, k_end, decay, s0)[0]
+
+
+def _state_recurrence_fwd(w, u, k_end, decay, s0):
+    def body(s, xs):
+        w_n, u_n, k_n, decay_n = xs
+        v_new = u_n - jnp.einsum("bhck,bhkv->bhcv", w_n, s)
+        s_next = decay_n[..., None, None] * s + jnp.einsum("bhck,bhcv->bhkv", k_n, v_new)
+        return s_next, (s, v_new)  # emit the chunk-start state and the pseudo-values
+
+    s_final, (chunk_start, v_new) = jax.lax.scan(body, s0, (w, u, k_end, decay))
+    return (chunk_start, v_new, s_final), (w, k_end, decay, chunk_start, v_new)
+
+
+def _state_recurrence_bwd(res, cotangents):
+    w, k_end, decay, chunk_start, v_new = res
+    d_chunk_start, d_v_new, d_s_final = cotangents
+
+    def body(ds_next, xs):  # ds_next: cotangent of S_{n+1}
+        w_n, k_n, decay_n, d_start_n, d_v_new_n = xs
+        dv = d_v_new_n + jnp.einsum("bhck,bhkv->bhcv", k_n, ds_next)
+        ds = decay_n[..., None, None] * ds_next - jnp.einsum("bhck,bhcv->bhkv", w_n, dv)
+        return ds + d_start_n, (ds_next, dv)
+
+    ds0, (ds_next, dv) = jax.lax.scan(
+        body, d_s_final, (w, k_end, decay, d_chunk_start, d_v_new), reverse=True
+    )
+    dw = -jnp.einsum("nbhcv,nbhkv->nbhck", dv, chunk_start)
+    dk_end = jnp.einsum("nbhcv,nbhkv->nbhck", v_new, ds_next)
+    d_decay = jnp.einsum("nbhkv,nbhkv->nbh", chunk_start, ds_next)
+    return dw, dv, dk_end, d_decay, ds0
+
+
+_state_recurrence.defvjp(_state_recurrence_fwd, _state_recurrence_bwd)
+
+
 @functools.partial(jax.jit, static_argnames=("chunk_size",))
 def _chunk_form(q, k, v, beta, g, initial_state, scale, *, chunk_size: int):
     """Chunkwise-parallel form (WY representation / UT transform). Returns (o, final state).
@@ -294,26 +378,12 @@ def _chunk_form(q, k, v, beta, g, initial_state, scale, *, chunk_size: int):
         scores = qk * decay
 
     # UT transform: [W | U] = (I + A)^-1 [beta e^b K | beta V], batched over all chunks.
-    t_inv = _unit_lower_inverse(a)
-    w = jnp.einsum("nbhij,nbhjk->nbhik", t_inv, w_rhs)
-    u = jnp.einsum("nbhij,nbhjv->nbhiv", t_inv, betac[..., None] * vc)
+    w, u = _ut_transform(a, w_rhs, betac[..., None] * vc)
 
     # Inter-chunk recurrence: the only sequential part, T / C steps.
-    def body(s, xs):
-        if chunk_decay is None:
-            w_n, u_n, k_n = xs
-        else:
-            w_n, u_n, k_n, decay_n = xs
-        v_new = u_n - jnp.einsum("bhck,bhkv->bhcv", w_n, s)
-        s_next = jnp.einsum("bhck,bhcv->bhkv", k_n, v_new)
-        if chunk_decay is None:
-            s_next = s + s_next
-        else:
-            s_next = decay_n[..., None, None] * s + s_next
-        return s_next, (s, v_new)  # emit the chunk-start state and the pseudo-values
-
-    xs = (w, u, k_to_end) if chunk_decay is None else (w, u, k_to_end, chunk_decay)
-    state, (chunk_start, v_new) = jax.lax.scan(body, state, xs)
+    if chunk_decay is None:
+        chunk_decay = jnp.ones(betac.shape[:-1], betac.dtype)  # exact no-op factor
+    chunk_start, v_new, state = _state_recurrence(w, u, k_to_end, chunk_decay, state)
 
     o = jnp.einsum("nbhck,nbhkv->nbhcv", q_from_start, chunk_start)
     o = o + jnp.einsum("nbhij,nbhjv->nbhiv", scores, v_new)
