@@ -8,30 +8,49 @@ own rounding, which isolates the operator's error from the input quantization).
 import numpy as np
 
 
-def linear_attention_np(q, k, v, g=None, scale=None, initial_state=None):
+def linear_attention_np(
+    q, k, v, g=None, scale=None, initial_state=None, normalize=False, eps=1e-6
+):
     """Decayed linear attention, token by token, in float64.
 
-    S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = scale * S_t^T q_t  (current token included).
+    S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T;  o_t = scale * S_t^T q_t  (current token included).
+    With normalize: z_t = diag(exp(g_t)) z_{t-1} + k_t and o_t = scale * S_t^T q_t /
+    (scale * q_t . z_t + eps); the state returned is [S | z] ([B, H, K, V + 1]) and initial_state
+    must have that shape too.
 
-    q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H] or None; initial_state: [B, H, K, V] or
-    None (zeros). Returns (o [B, T, H, V], final_state [B, H, K, V]), both float64.
+    q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H] (per head), [B, T, H, K] (per key channel)
+    or None; initial_state: [B, H, K, V] (V + 1 with normalize) or None (zeros). Returns
+    (o [B, T, H, V], final_state), both float64.
     """
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else float(scale)
-    if initial_state is None:
-        S = np.zeros((B, H, K, V))
+    S = np.zeros((B, H, K, V))
+    z = np.zeros((B, H, K))
+    if initial_state is not None:
+        h0 = np.array(initial_state, dtype=np.float64)
+        S = h0[..., :V].copy()
+        if normalize:
+            z = h0[..., V].copy()
+    if g is None:
+        gamma = np.ones((B, T, H, K))
     else:
-        S = np.array(initial_state, dtype=np.float64)
-    gamma = np.ones((B, T, H)) if g is None else np.exp(np.asarray(g, dtype=np.float64))
+        gamma = np.exp(np.asarray(g, dtype=np.float64))
+        if gamma.ndim == 3:
+            gamma = np.repeat(gamma[..., None], K, axis=-1)
 
     o = np.zeros((B, T, H, V))
     for t in range(T):
         for b in range(B):
             for h in range(H):
-                S[b, h] = gamma[b, t, h] * S[b, h] + np.outer(k[b, t, h], v[b, t, h])
+                S[b, h] = gamma[b, t, h][:, None] * S[b, h] + np.outer(k[b, t, h], v[b, t, h])
+                z[b, h] = gamma[b, t, h] * z[b, h] + k[b, t, h]
                 o[b, t, h] = scale * (S[b, h].T @ q[b, t, h])
+                if normalize:
+                    o[b, t, h] /= scale * (q[b, t, h] @ z[b, h]) + eps
+    if normalize:
+        return o, np.concatenate([S, z[..., None]], axis=-1)
     return o, S
 
 
