@@ -1,0 +1,68 @@
+"""Based: Taylor-feature linear attention paired with sliding-window softmax attention."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from memjax.layers.attention import Attention
+from memjax.layers.heads import FLOAT32_BYTES, head_dim, merge_heads, run_recurrent, split_heads
+from memjax.layers.registry import MIXERS
+from memjax.ops import linear_attention, linear_attention_step
+from memjax.ops.feature_maps import feature_dim, feature_map
+
+FEATURE_MAP = "taylor_dedup"
+
+
+@MIXERS.register("based")
+class Based(nn.Module):
+    """Based (Arora et al., 2024) as one mixer: the sum of two branches.
+
+    Linear branch, per head: q, k projected to `feature_dim` channels and lifted with the
+    second-order Taylor map phi (`phi(q).phi(k) = 1 + s + s^2/2`, `s = q.k / sqrt(feature_dim)`,
+    an approximation of `exp(s)`), then normalised linear attention
+    `o_t = sum_{s<=t} phi(q_t).phi(k_s) v_s / sum_{s<=t} phi(q_t).phi(k_s)`: global but lossy
+    recall. Window branch: exact softmax attention over the last `window` tokens
+    (`memjax.layers.attention.Attention`). `[B, T, d_model]` in and out; decoding cache: the
+    linear state `[B, H, F, d_model / H + 1]` (last column: the normaliser) and the window's
+    key/value cache.
+    """
+
+    d_model: int
+    num_heads: int = 2
+    feature_dim: int = 16
+    window: int = 64
+    window_heads: int = 2
+    chunk_size: int = 64
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, cache=None):
+        heads = self.num_heads
+        head_dim(self.d_model, heads)
+        q, k = (feature_map(FEATURE_MAP, split_heads(
+            nn.Dense(heads * self.feature_dim, use_bias=False, name=n)(x), heads)) for n in ("q", "k"))
+        v = split_heads(nn.Dense(self.d_model, use_bias=False, name="v")(x), heads)
+        o, state = run_recurrent(
+            linear_attention, linear_attention_step, None if cache is None else cache["linear"],
+            {"impl": self.impl, "chunk_size": self.chunk_size}, q=q, k=k, v=v, normalize=True)
+        y = nn.Dense(self.d_model, use_bias=False, name="out")(merge_heads(o))
+        window = Attention(self.d_model, self.window_heads, self.window, name="window")
+        if cache is None:
+            return y + window(x)
+        y_window, window_cache = window(x, cache["window"])
+        return y + y_window, {"linear": state, "window": window_cache}
+
+    def _features(self) -> int:
+        return feature_dim(FEATURE_MAP, self.feature_dim)
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        value_width = head_dim(self.d_model, self.num_heads)
+        linear = jnp.zeros((batch_size, self.num_heads, self._features(), value_width + 1), jnp.float32)
+        window = Attention(self.d_model, self.window_heads, self.window, parent=None)
+        return {"linear": linear, "window": window.init_cache(batch_size, max_len)}
+
+    def state_size(self, seq_len: int) -> int:
+        """Linear state `H * F * (d/H + 1)` plus the window's key/value cache, in bytes."""
+        value_width = head_dim(self.d_model, self.num_heads)
+        linear = self.num_heads * self._features() * (value_width + 1) * FLOAT32_BYTES
+        window = Attention(self.d_model, self.window_heads, self.window, parent=None)
+        return linear + window.state_size(seq_len)
