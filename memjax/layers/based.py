@@ -1,5 +1,7 @@
 """Based: Taylor-feature linear attention paired with sliding-window softmax attention."""
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -42,8 +44,9 @@ class Based(nn.Module):
             nn.Dense(heads * self.feature_dim, use_bias=False, name=n)(x), heads)) for n in ("q", "k"))
         v = split_heads(nn.Dense(self.d_model, use_bias=False, name="v")(x), heads)
         o, state = run_recurrent(
-            linear_attention, linear_attention_step, None if cache is None else cache["linear"],
-            {"impl": self.impl, "chunk_size": self.chunk_size}, q=q, k=k, v=v, normalize=True)
+            linear_attention, functools.partial(linear_attention_step, normalize=True),
+            None if cache is None else cache["linear"],
+            {"impl": self.impl, "chunk_size": self.chunk_size, "normalize": True}, q=q, k=k, v=v)
         y = nn.Dense(self.d_model, use_bias=False, name="out")(merge_heads(o))
         window = Attention(self.d_model, self.window_heads, self.window, name="window")
         if cache is None:

@@ -276,3 +276,22 @@ def test_lm_unknown_norm_or_pos_emb_raises(kwargs, match):
     model = LanguageModel(vocab_size=VOCAB, d_model=D, num_layers=1, mixer={"name": "attention"}, **kwargs)
     with pytest.raises(ValueError, match=match):
         model.init(jax.random.key(0), tokens(0, 1, 4))
+
+
+@pytest.mark.parametrize("mixer, expected", [
+    # H * K * K memory
+    (dict(name="retnet", num_heads=4), 4 * 8 * 8 * 4),
+    # memory plus three (conv_size - 1) x d convolution histories
+    (dict(name="deltanet", num_heads=2, conv_size=4), (2 * 16 * 16 + 3 * 3 * 32) * 4),
+    (dict(name="gated_deltanet", num_heads=2, conv_size=4), (2 * 16 * 16 + 3 * 3 * 32) * 4),
+    # key width expand_k * d / H = 8, value width 16
+    (dict(name="gla", num_heads=2, expand_k=0.5), 2 * 8 * 16 * 4),
+    # memory plus the previous token
+    (dict(name="rwkv7", num_heads=2), (2 * 16 * 16 + 32) * 4),
+    # Taylor (de-duplicated) features F = 1 + 4 + 4*5/2 = 15, values 16 + normaliser, plus window KV
+    (dict(name="based", num_heads=2, feature_dim=4, window=8), 2 * 15 * 17 * 4 + 2 * 32 * 8 * 4),
+])
+def test_recurrent_state_sizes(mixer, expected):
+    from memjax.layers import build_mixer
+
+    assert build_mixer(32, mixer, parent=None).state_size(100) == expected
