@@ -10,3 +10,14 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import jax  # noqa: E402  (after the flags above)
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def x64():
+    """Float64 for the duration of one test only (test processes are shared, never flip it globally)."""
+    with jax.enable_x64(True):
+        yield

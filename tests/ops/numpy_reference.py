@@ -114,3 +114,10 @@ def generalized_delta_rule_np(q, k, v, g, a, b, scale=None, initial_state=None):
                 S[n, h] = transition @ S[n, h] + np.outer(k[n, t, h], v[n, t, h])
                 o[n, t, h] = scale * (S[n, h].T @ q[n, t, h])
     return o, S
+
+
+def rel_rms(x, ref) -> float:
+    """Relative RMS error ||x - ref|| / ||ref||, computed in float64 (the tolerance metric for
+    low-precision inputs)."""
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.sqrt(np.mean((x - ref) ** 2)) / np.sqrt(np.mean(ref**2)))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numpy_reference import rel_rms
 
 from memjax.ops.attention import softmax_attention
 
@@ -29,13 +30,6 @@ FD_RTOL = 1e-7
 # the operator's error only). float32: summation order only. bfloat16: dominated by rounding o
 # itself to bfloat16 (2^-9 relative ~ 2e-3); logits and softmax are float32.
 LOW_PRECISION_TOL = {"float32": 1e-5, "bfloat16": 1e-2}
-
-
-@pytest.fixture
-def x64():
-    """Enable float64 for the duration of one test only."""
-    with jax.enable_x64(True):
-        yield
 
 
 def softmax_attention_np(q, k, v, window=None, scale=None):
@@ -62,11 +56,6 @@ def make_inputs(seed, T):
     k = 1.5 * rng.normal(size=(B, T, H, K))
     v = rng.normal(size=(B, T, H, V))
     return q, k, v
-
-
-def rel_rms(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return np.sqrt(np.mean((x - ref) ** 2)) / np.sqrt(np.mean(ref**2))
 
 
 def test_oracle_window_ge_T_is_full():

@@ -14,13 +14,6 @@ F64_TOL = dict(rtol=1e-12, atol=1e-12)
 SHAPE = (2, 3, 2)  # leading axes [B, T, H]; the feature axis K is appended
 
 
-@pytest.fixture
-def x64():
-    """Enable float64 for the duration of one test only."""
-    with jax.enable_x64(True):
-        yield
-
-
 def _qk(K, seed=0, scale=1.0):
     rng = np.random.default_rng(seed)
     q = scale * rng.standard_normal((*SHAPE, K))

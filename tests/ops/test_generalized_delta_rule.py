@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from numpy_reference import generalized_delta_rule_np
+from numpy_reference import generalized_delta_rule_np, rel_rms
 
 from memjax.ops import generalized_delta_rule, generalized_delta_rule_step
 
@@ -29,13 +29,6 @@ LOW_PRECISION_TOL = {
     "float32": dict(o=5e-6, state=5e-6),
     "bfloat16": dict(o=5e-3, state=5e-6),
 }
-
-
-@pytest.fixture
-def x64():
-    """Enable float64 for the duration of one test only."""
-    with jax.enable_x64(True):
-        yield
 
 
 def make_gate(rng, T, kind):
@@ -81,11 +74,6 @@ def to_jax(xs, dtype):
 
 def to_f64(x):
     return None if x is None else np.asarray(jnp.asarray(x, jnp.float32), np.float64)
-
-
-def rel_rms(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return np.sqrt(np.mean((x - ref) ** 2)) / np.sqrt(np.mean(ref**2))
 
 
 def run(xs, **kwargs):
