@@ -30,13 +30,21 @@ Forms (``impl``):
 - ``"chunk"``: chunkwise-parallel form, see ``_chunk_form``.
 - ``"auto"``: the chunk form (no kernel has won a benchmark yet).
 
-Gradients come from JAX autodiff of these forms.
+Gradients: JAX autodiff for the reference form and for the chunk form with a per-channel g; a
+hand-written backward pass for the chunk form with g None or per head (see ``_chunk_block_bwd``).
+Both chunk backward passes recompute each block of chunks from its saved start state.
 
 Numerical safety of the chunk form: every ``exp`` it evaluates has an exponent ``<= 0`` (so
 nothing overflows, whatever the decay; an underflow to 0 only happens where the exact factor is
 below the smallest float), and masked entries get their exponent set to ``-inf`` *before* the
 ``exp`` (so no ``inf * 0`` in the forward pass and no ``0 * inf`` in the gradient). See
-``_intra_chunk_decay`` (per head) and ``_intra_chunk_scores_per_channel`` (per channel).
+``_intra_chunk_decay`` (per head) and ``_intra_chunk_scores_per_channel`` (per channel). Decays
+within a chunk are differences of chunk-local cumulative sums, so in float32 a factor
+``exp(b_i - b_j)`` carries an absolute exponent error of about ``|b| * 6e-8``: harmless for the
+factors that matter, but a head that mixes very strong and very weak gates inside one chunk sees
+relative errors of ``|b| * 6e-8`` on its weak-gate factors (the same holds for FLA's kernels).
+The normalizer is not guarded: ``q_t . z_t`` must stay away from ``-NORMALIZER_EPS / scale``
+(true for positive feature maps).
 """
 
 from __future__ import annotations
@@ -54,10 +62,12 @@ IMPLS = ("auto", "reference", "chunk")
 # Added to the normalizer ``scale * q_t . z_t`` before dividing (see the module docstring).
 NORMALIZER_EPS = 1e-6
 
-# Chunk form tuning (measured on a 2-core AVX-512 CPU, B=1 H=8 K=V=128, chunk 64): tokens per
-# step of the outer scan, so that one step's operands stay in cache; and the longest sub-chunk
-# of the per-channel intra-chunk trick. Neither changes results beyond float rounding.
-_BLOCK_TOKENS = 1024
+# Chunk form tuning (measured on a 2-core AVX-512 CPU, B=1 H=8 K=V=128, chunk 64, see
+# ``_chunk_form``): tokens per step of the outer scan (its operands stay in cache), the most
+# chunks per step (the state recurrence inside a step is unrolled), and the longest sub-chunk of
+# the per-channel intra-chunk trick. None of them changes results beyond float rounding.
+_BLOCK_TOKENS = 256
+_MAX_BLOCK_CHUNKS = 8
 _SUB_CHUNK = 16
 
 
@@ -346,87 +356,304 @@ def _intra_chunk_scores_per_channel(q, k, b):
     return a.reshape(*lead, C, C)
 
 
-def _chunk_block(state, xs):
-    """One step of the outer scan: M chunks of C tokens, for all batch rows and heads at once.
+def _to_heads(x, M: int, C: int, *, transpose: bool = False):
+    """``[B, M*C, H, ...]`` -> ``[B, H, M, C, ...]``; ``[B, H, M, X, C]`` with ``transpose``."""
+    B, _, H = x.shape[:3]
+    x = x.reshape(B, M, C, H, *x.shape[3:])
+    if x.ndim == 4:
+        return x.transpose(0, 3, 1, 2)
+    return x.transpose(0, 3, 1, 4, 2) if transpose else x.transpose(0, 3, 1, 2, 4)
 
-    xs = (q, k, v, g): q (already scaled), k ``[B, H, M, C, K]``; v ``[B, H, M, C, V]``; g None,
-    ``[B, H, M, C]`` or ``[B, H, M, C, K]``. state ``[B, H, K, V]``: the state before the block.
-    Returns (state after the block, o ``[B, H, M, C, V]``).
+
+def _from_heads(x):
+    """``[B, H, M, C, X]`` -> ``[B, M*C, H, X]`` (inverse of ``_to_heads``)."""
+    B, H, M, C, X = x.shape
+    return x.transpose(0, 2, 3, 1, 4).reshape(B, M * C, H, X)
+
+
+def _block_operands(xs, C: int, scale, normalize: bool, acc):
+    """Per-block operands shared by the forward and backward passes.
+
+    xs = (q, k, v, g) time-major slices ``[B, M*C, H, ...]``. Returns a dict with q (scaled)
+    ``[B, H, M, C, K]``, k_raw (the slice), k_t ``[B, H, M, K, C]``, v ``[B, H, M, C, V']`` (a
+    column of ones appended with ``normalize``) and, for a per-head or per-channel g, b
+    (chunk-local cumsum of g), from_start = exp(b), to_end = exp(b_C - b), chunk_decay = exp(b_C)
+    (all exponents <= 0).
+
+    Small decay factors are materialised (optimization barriers) before they broadcast over K or
+    V: fused into the large elementwise loops, the cumsum made those loops several times slower.
+    So is k_t: fused with the slicing of the scan input, the transposing copy ran 3x slower.
     """
-    q, k, v, g = xs
-    M, C = q.shape[2], q.shape[3]
-    scores = jnp.einsum("bhmik,bhmjk->bhmij", q, k)
-    if g is None:
-        scores = scores * jnp.tril(jnp.ones((C, C), q.dtype))  # one [C, C] mask, broadcast
-        q_in, k_out, chunk_decay = q, k, None
-    elif g.ndim == 4:  # per head: b [B, H, M, C]
-        b = jnp.cumsum(g, axis=-1)
-        b_last = b[..., -1:]
-        scores = scores * _intra_chunk_decay(b)
-        q_in = q * jnp.exp(b)[..., None]  # decay from the chunk start to token i
-        k_out = k * jnp.exp(b_last - b)[..., None]  # decay from token i to the chunk end, <= 1
-        chunk_decay = jnp.exp(b_last)[..., None]  # [B, H, M, 1, 1]
-    else:  # per key channel: b [B, H, M, C, K]
-        b = jnp.cumsum(g, axis=-2)
-        b_last = b[..., -1:, :]
-        scores = _intra_chunk_scores_per_channel(q, k, b)
-        q_in = q * jnp.exp(b)
-        k_out = k * jnp.exp(b_last - b)
-        chunk_decay = jnp.swapaxes(jnp.exp(b_last), -1, -2)  # [B, H, M, K, 1]
-    o = jnp.einsum("bhmij,bhmjv->bhmiv", scores, v)
-    # What each chunk adds to the state, decayed to the chunk end.
-    update = jnp.einsum("bhmck,bhmcv->bhmkv", k_out, v)
+    barrier = jax.lax.optimization_barrier
+    q, k, v, g = (None if x is None else x.astype(acc) for x in xs)
+    M = q.shape[1] // C
+    ops = dict(M=M, g_kind=None if g is None else ("head" if g.ndim == 3 else "channel"))
+    ops["q"] = _to_heads(q, M, C) * scale
+    ops["k_raw"] = k
+    ops["k_t"] = barrier(_to_heads(k, M, C, transpose=True))
+    v = _to_heads(v, M, C)
+    if normalize:  # z is the state of a value column of ones
+        v = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), acc)], axis=-1)
+    ops["v"] = v
+    if g is not None:
+        axis = -1 if g.ndim == 3 else -2
+        b = barrier(jnp.cumsum(_to_heads(g, M, C), axis=axis))
+        b_last = b[..., -1:] if g.ndim == 3 else b[..., -1:, :]
+        ops["b"] = b
+        ops["from_start"], ops["to_end"] = barrier((jnp.exp(b), jnp.exp(b_last - b)))
+        ops["chunk_decay"] = jnp.exp(b_last)
+    return ops
 
-    # The sequential part: M steps of S <- exp(b_C) S + update, recording each chunk's start.
+
+def _intra_scores(ops, C: int, acc):
+    """A = (Q K^T) ⊙ D for every chunk of the block, ``[B, H, M, C, C]`` (D: causal decay)."""
+    if ops["g_kind"] == "channel":
+        return _intra_chunk_scores_per_channel(
+            ops["q"], _to_heads(ops["k_raw"], ops["M"], C), ops["b"]
+        )
+    scores = jnp.einsum("bhmik,bhmkj->bhmij", ops["q"], ops["k_t"])
+    if ops["g_kind"] is None:
+        return scores * jnp.tril(jnp.ones((C, C), acc))  # one [C, C] mask, broadcast
+    return scores * _intra_chunk_decay(ops["b"])
+
+
+def _chunk_updates(ops):
+    """What each chunk adds to the state, decayed to the chunk end: ``[B, H, M, K, V']``."""
+    k_t, v = ops["k_t"], ops["v"]
+    if ops["g_kind"] == "head":
+        v = v * ops["to_end"][..., None]
+    elif ops["g_kind"] == "channel":
+        k_t = k_t * jnp.swapaxes(ops["to_end"], -1, -2)
+    return jnp.einsum("bhmkc,bhmcv->bhmkv", k_t, v)
+
+
+def _state_decay(ops, m: int):
+    """exp(b_C) of chunk m, shaped to multiply a ``[B, H, K, V']`` state (None: no decay)."""
+    if ops["g_kind"] is None:
+        return None
+    if ops["g_kind"] == "head":
+        return ops["chunk_decay"][:, :, m, :, None]  # [B, H, 1, 1]
+    return jnp.swapaxes(ops["chunk_decay"][:, :, m], -1, -2)  # [B, H, K, 1]
+
+
+def _chunk_starts(ops, state, updates):
+    """The M-step recurrence S <- exp(b_C) S + update (unrolled). Returns (final, starts)."""
     starts = []
-    for m in range(M):
+    for m in range(ops["M"]):
         starts.append(state)
-        decayed = state if chunk_decay is None else chunk_decay[:, :, m] * state
-        state = decayed + update[:, :, m]
-    starts = jnp.stack(starts, axis=2)  # [B, H, M, K, V]
-
-    # Inter-chunk output: queries read the chunk-start state, decayed to their position.
-    o = o + jnp.einsum("bhmik,bhmkv->bhmiv", q_in, starts)
-    return state, o
+        decay = _state_decay(ops, m)
+        state = (state if decay is None else decay * state) + updates[:, :, m]
+    return state, jnp.stack(starts, axis=2)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "normalize"))
-def _chunk_form(q, k, v, g, initial_state, scale, *, chunk_size: int, normalize=False):
+def _chunk_block(state, xs, *, chunk_size: int, scale, normalize: bool, acc):
+    """Forward pass of one step of the outer scan: M chunks, all batch rows and heads at once.
+
+    xs = (q, k, v, g): time-major slices ``[B, M*C, H, ...]`` of the inputs. state
+    ``[B, H, K, V']``: the state before the block (V' = V + 1 with the normalizer column).
+    Returns (state after the block, o ``[B, M*C, H, V']``).
+
+    Layout choices, each measured on CPU: batch dims (B, H, M) lead and every matmul contracts
+    the last dim of its lhs and the last or second-last of its rhs (other layouts ran as generic
+    dots several times slower); k is transposed to ``[K, C]`` once and read by both Q K^T and
+    K^T V; the M-step state recurrence is unrolled; the per-head decay of the inter-chunk output
+    multiplies the rows of ``Q S_n`` instead of Q.
+    """
+    C = chunk_size
+    ops = _block_operands(xs, C, scale, normalize, acc)
+    scores = _intra_scores(ops, C, acc)
+    state, starts = _chunk_starts(ops, state, _chunk_updates(ops))
+    q = ops["q"] * ops["from_start"] if ops["g_kind"] == "channel" else ops["q"]
+    inter = jnp.einsum("bhmik,bhmkv->bhmiv", q, starts)
+    if ops["g_kind"] == "head":
+        inter = inter * ops["from_start"][..., None]
+    o = jnp.einsum("bhmij,bhmjv->bhmiv", scores, ops["v"]) + inter
+    return state, _from_heads(o)
+
+
+def _chunk_block_bwd(state, xs, d_o, d_state, *, chunk_size: int, scale, normalize: bool, acc):
+    """Backward pass of ``_chunk_block`` for g None or per head (the forward is recomputed).
+
+    d_o: cotangent of the block output ``[B, M*C, H, V']``; d_state: of the state after the block.
+    Returns (cotangent of the state before the block, (dq, dk, dv, dg) time-major, d_scale).
+
+    Per chunk, with G_{n+1} the cotangent of the state after chunk n (a reverse M-step recurrence
+    G_n = exp(b_C) G_{n+1} + (Q ⊙ exp(b))^T dO):
+      dV = A^T dO + (K ⊙ exp(b_C - b)) G_{n+1},   dP = (dO V^T) ⊙ D,
+      dQ = dP K + exp(b) ⊙ dO S_n^T,              dK = dP^T Q + exp(b_C - b) ⊙ V G_{n+1}^T,
+    and the decay gradient needs no exp derivative: d b_i = q_i . dq_i - k_i . dk_i (b the
+    cumulative log decay), plus <S_{n+1}, G_{n+1}> at the chunk's last token; dg is its reverse
+    cumsum inside the chunk.
+    """
+    barrier = jax.lax.optimization_barrier
+    C = chunk_size
+    ops = _block_operands(xs, C, scale, normalize, acc)
+    M, q, k_t, v = ops["M"], ops["q"], ops["k_t"], ops["v"]
+    head = ops["g_kind"] == "head"
+    k = barrier(_to_heads(ops["k_raw"], M, C))
+    causal = jnp.tril(jnp.ones((C, C), acc))
+    decay = _intra_chunk_decay(ops["b"]) if head else causal
+    scores = jnp.einsum("bhmik,bhmkj->bhmij", q, k_t) * decay
+    final, starts = _chunk_starts(ops, state, _chunk_updates(ops))
+    d_o = _to_heads(d_o.astype(acc), M, C)
+
+    # Reverse recurrence over the chunks of the block.
+    q_read = q * ops["from_start"][..., None] if head else q  # what reads S_n
+    q_read_t = barrier(jnp.swapaxes(q_read, -1, -2))  # [B, H, M, K, C]
+    from_output = jnp.einsum("bhmkc,bhmcv->bhmkv", q_read_t, d_o)
+    d_after = []  # G_{n+1}
+    g_state = d_state
+    for m in reversed(range(M)):
+        d_after.append(g_state)
+        decay_m = _state_decay(ops, m)
+        g_state = (g_state if decay_m is None else decay_m * g_state) + from_output[:, :, m]
+    d_after = jnp.stack(d_after[::-1], axis=2)  # [B, H, M, K, V']
+
+    d_scores = jnp.einsum("bhmiv,bhmjv->bhmij", d_o, v)
+    d_p = d_scores * decay
+    scores_t, d_p_t = barrier((jnp.swapaxes(scores, -1, -2), jnp.swapaxes(d_p, -1, -2)))
+    k_write = k * ops["to_end"][..., None] if head else k  # what writes the state
+    d_v = jnp.einsum("bhmji,bhmiv->bhmjv", scores_t, d_o) + jnp.einsum(
+        "bhmck,bhmkv->bhmcv", k_write, d_after
+    )
+    d_q_inter = jnp.einsum("bhmiv,bhmkv->bhmik", d_o, starts)
+    d_k_state = jnp.einsum("bhmcv,bhmkv->bhmck", v, d_after)
+    if head:
+        d_q_inter = d_q_inter * ops["from_start"][..., None]
+        d_k_state = d_k_state * ops["to_end"][..., None]
+    d_q = jnp.einsum("bhmij,bhmjk->bhmik", d_p, k) + d_q_inter  # w.r.t. the scaled q
+    d_k = jnp.einsum("bhmji,bhmik->bhmjk", d_p_t, q) + d_k_state
+
+    # Row dots as multiply-then-reduce: written plainly, the compiler turned them into batched
+    # matrix-vector products that ran several times slower than the whole elementwise pass.
+    def dot_rows(a, b, axis=-1):
+        return jnp.sum(barrier(a * b), axis=axis)
+
+    d_g = None
+    if head:
+        # d b_i = q_i . dq_i - k_i . dk_i, with the intra-chunk part written as the row minus the
+        # column sums of dA ⊙ A without its diagonal (those terms cancel exactly; summing them
+        # first would leave rounding noise where strong decay makes the true gradient tiny).
+        w = barrier(d_scores * scores * (1.0 - jnp.eye(C, dtype=acc)))
+        d_b = jnp.sum(w, axis=-1) - jnp.sum(w, axis=-2)
+        d_b = d_b + dot_rows(q, d_q_inter) - dot_rows(k, d_k_state)
+        after = jnp.concatenate([starts[:, :, 1:], final[:, :, None]], axis=2)  # S_{n+1}
+        d_b = d_b.at[..., -1].add(dot_rows(after, d_after, axis=(-2, -1)))
+        d_g = jnp.flip(jnp.cumsum(jnp.flip(d_b, -1), axis=-1), -1)  # [B, H, M, C]
+        d_g = d_g.transpose(0, 2, 3, 1).reshape(d_g.shape[0], M * C, d_g.shape[1])
+    d_scale = dot_rows(_to_heads(xs[0].astype(acc), M, C), d_q, axis=None)  # q = scale * q_raw
+    d_v = d_v[..., :-1] if normalize else d_v
+    return g_state, (_from_heads(d_q * scale), _from_heads(d_k), _from_heads(d_v), d_g), d_scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _scan_blocks(chunk_size, normalize, state, xs, scale):
+    """``lax.scan`` of ``_chunk_block`` over blocks (xs ``[num_blocks, B, L, H, ...]``).
+
+    Used for g None or per head, with a hand-written backward pass (``_chunk_block_bwd``):
+    autodiff of the block produced generic dots and reductions that ran several times slower.
+    """
+    final, o = jax.lax.scan(_block_fn(chunk_size, normalize, xs, scale), state, xs)
+    return o, final
+
+
+def _block_fn(chunk_size, normalize, xs, scale):
+    acc = _acc_dtype(*xs)
+    return functools.partial(
+        _chunk_block, chunk_size=chunk_size, scale=scale, normalize=normalize, acc=acc
+    )
+
+
+def _scan_blocks_fwd(chunk_size, normalize, state, xs, scale):
+    block = _block_fn(chunk_size, normalize, xs, scale)
+
+    def body(s, x):
+        s_next, o = block(s, x)
+        return s_next, (o, s)  # keep each block's start state for the backward pass
+
+    final, (o, starts) = jax.lax.scan(body, state, xs)
+    return (o, final), (starts, xs, scale)
+
+
+def _scan_blocks_bwd(chunk_size, normalize, residuals, cotangents):
+    starts, xs, scale = residuals
+    d_o, d_final = cotangents
+    acc = _acc_dtype(*xs)
+    bwd = functools.partial(
+        _chunk_block_bwd, chunk_size=chunk_size, scale=scale, normalize=normalize, acc=acc
+    )
+
+    def body(carry, x):
+        d_state, d_scale = carry
+        start, block_xs, block_d_o = x
+        d_state, d_xs, d_scale_block = bwd(start, block_xs, block_d_o, d_state)
+        return (d_state, d_scale + d_scale_block), d_xs
+
+    (d_state, d_scale), d_xs = jax.lax.scan(
+        body, (d_final.astype(acc), jnp.zeros((), acc)), (starts, xs, d_o), reverse=True
+    )
+    d_xs = tuple(None if x is None else d.astype(x.dtype) for x, d in zip(xs, d_xs))
+    return d_state.astype(starts.dtype), d_xs, jnp.asarray(d_scale).astype(jnp.result_type(scale))
+
+
+_scan_blocks.defvjp(_scan_blocks_fwd, _scan_blocks_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "normalize", "block_chunks"))
+def _chunk_form(
+    q, k, v, g, initial_state, scale, *, chunk_size: int, normalize=False, block_chunks=None
+):
     """Chunkwise-parallel form. Returns (o in v's dtype, final state).
 
     For chunk n with start state S_n and b = chunk-local cumsum of g (b_C its last entry; with a
     per-channel g, ``exp(b)`` scales the key channels and ``exp(b_C)`` is ``diag(exp(b_C))``):
 
-      O_n     = scale * [ (Q ⊙ exp(b)) S_n + A_n V ],   A_n[i, j] = q_i . (k_j ⊙ exp(b_i - b_j)), i >= j
+      O_n     = scale * [ (Q ⊙ exp(b)) S_n + A_n V ]
+      A_n     = q_i . (k_j ⊙ exp(b_i - b_j)) for i >= j, else 0
       S_{n+1} = exp(b_C) S_n + Σ_i (k_i ⊙ exp(b_C - b_i)) v_i^T
 
-    Two levels, for speed on CPU: the sequence is cut into blocks of M chunks (about
-    ``_BLOCK_TOKENS`` tokens) and a ``lax.scan`` over blocks carries the state. Inside a block all
-    chunk products (Q K^T, A V, the state updates, Q S) are batched matmuls over (B, H, M) whose
-    operands fit in cache (one batched matmul over all chunks of a long sequence streams hundreds
-    of MB and runs at a fraction of the matmul rate), and the M-step state recurrence is unrolled.
-    Every exponent is <= 0: see ``_intra_chunk_decay`` and ``_intra_chunk_scores_per_channel``.
+    Two levels, for speed on CPU: a ``lax.scan`` over blocks of M chunks (``block_chunks``,
+    default about ``_BLOCK_TOKENS`` tokens) carries the state, and inside a block every chunk
+    product is a batched matmul over (B, H, M) whose operands stay in cache (see
+    ``_chunk_block``); one batched matmul over all the chunks of a long sequence streams hundreds
+    of MB through memory and ran at a third of the rate. Every exponent is <= 0: see
+    ``_intra_chunk_decay`` and ``_intra_chunk_scores_per_channel``.
+
+    Gradients: for g None or per head a hand-written backward pass (``_chunk_block_bwd``) that
+    recomputes each block from its saved start state, so the saved residuals are one state per
+    block; for a per-channel g, autodiff of the block under ``jax.checkpoint`` (same memory).
     """
     B, T, H, K = q.shape
     C = chunk_size
     out_dtype = v.dtype
-    q, k, v, g, state = _prepare(q, k, v, g, initial_state, normalize)
-    V = v.shape[-1]  # V + 1 with the normalizer column
+    acc = _acc_dtype(q, k, v, g)
+    V = v.shape[-1] + int(normalize)
+    if initial_state is None:
+        state = jnp.zeros((B, H, K, V), acc)
+    else:
+        state = initial_state.astype(acc)
 
-    # Blocks of M chunks; M is balanced so that padding stays below one chunk per block.
+    # Blocks of M chunks; M is balanced so that the padding stays below one chunk per block.
     N = -(-T // C)
-    M = max(1, min(_BLOCK_TOKENS // C, N))
+    M = max(1, min(N, block_chunks or _BLOCK_TOKENS // C, _MAX_BLOCK_CHUNKS))
     num_blocks = -(-N // M)
     M = -(-N // num_blocks)
-    T_pad = num_blocks * M * C
+    L = M * C
 
-    def blocked(x):  # [B, T, H, ...] -> [num_blocks, B, H, M, C, ...]
-        x = _pad_time(x, T_pad).reshape(B, num_blocks, M, C, H, *x.shape[3:])
-        return x.transpose(1, 0, 4, 2, 3, *range(5, x.ndim))
+    def blocked(x):  # [B, T, H, ...] -> [num_blocks, B, L, H, ...]; free for B = 1
+        if x is None:
+            return None
+        x = _pad_time(x, num_blocks * L)
+        return jnp.moveaxis(x.reshape(B, num_blocks, L, *x.shape[2:]), 1, 0)
 
-    xs = (blocked(q * scale), blocked(k), blocked(v), None if g is None else blocked(g))
-    state, o = jax.lax.scan(_chunk_block, state, xs)
-    o = o.transpose(1, 0, 3, 4, 2, 5).reshape(B, T_pad, H, V)[:, :T]
+    xs = tuple(blocked(x) for x in (q, k, v, g))
+    scale = jnp.asarray(scale, acc)
+    if g is None or g.ndim == 3:
+        o, state = _scan_blocks(C, normalize, state, xs, scale)
+    else:
+        block = _block_fn(C, normalize, xs, scale)
+        state, o = jax.lax.scan(jax.checkpoint(block), state, xs)
+    o = jnp.moveaxis(o, 0, 1).reshape(B, num_blocks * L, H, V)[:, :T]
     if normalize:
         o = _normalize_output(o)
     return o.astype(out_dtype), state
