@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RUNDIR ?= runs/mqar_main
 
-.PHONY: setup run test test-slow test-all clean
+.PHONY: setup run test test-slow test-all bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,12 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -n 2 tests
+
+# Operator benchmarks (JSON in bench.json). Huge pages for malloc: without them, page faults on
+# fresh buffers of 32 MB and more distort timings at long T on this machine.
+BENCH_ARGS ?= --ops linear_attention,gated_delta_rule --T 1024,4096,16384,65536
+bench: $(STAMP)
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) scripts/bench.py $(BENCH_ARGS) --out bench.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

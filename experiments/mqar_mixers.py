@@ -9,7 +9,7 @@ roughly 10-30 minutes per run on a 2-core CPU depending on the mixer. Preset `fu
 10k steps and the learning rates {1e-3, 3e-3, 1e-2} (for bigger machines).
 """
 
-MIXERS = ("attention", "based", "linear_attention", "retnet", "gla", "deltanet", "gated_deltanet",
+MIXERS = ("attention", "based", "gated_deltanet", "deltanet", "gla", "retnet", "linear_attention",
           "rwkv7")
 
 
