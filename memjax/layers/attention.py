@@ -4,10 +4,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from memjax.layers.heads import FLOAT32_BYTES, head_dim
 from memjax.layers.registry import MIXERS
 from memjax.ops.attention import softmax_attention
-
-FLOAT32_BYTES = 4
 
 
 @MIXERS.register("attention")
@@ -26,9 +25,9 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, cache=None):
         batch, seq_len, _ = x.shape
-        head_dim = self._head_dim()
+        width = head_dim(self.d_model, self.num_heads)
         qkv = nn.Dense(3 * self.d_model, use_bias=False, name="qkv")(x)
-        q, k, v = jnp.split(qkv.reshape(batch, seq_len, self.num_heads, 3 * head_dim), 3, axis=-1)
+        q, k, v = jnp.split(qkv.reshape(batch, seq_len, self.num_heads, 3 * width), 3, axis=-1)
         out = nn.Dense(self.d_model, use_bias=False, name="out")
         if cache is None:
             o = softmax_attention(q, k, v, window=self.window or None)
@@ -40,14 +39,9 @@ class Attention(nn.Module):
         new_cache = {"k": keys, "v": values, "length": start + seq_len}
         return out(o.astype(x.dtype).reshape(batch, seq_len, -1)), new_cache
 
-    def _head_dim(self) -> int:
-        if self.d_model % self.num_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
-        return self.d_model // self.num_heads
-
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         """Empty key/value buffers for up to `max_len` tokens (float32)."""
-        shape = (batch_size, max_len, self.num_heads, self._head_dim())
+        shape = (batch_size, max_len, self.num_heads, head_dim(self.d_model, self.num_heads))
         return {"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32),
                 "length": jnp.zeros((), jnp.int32)}
 

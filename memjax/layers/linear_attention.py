@@ -3,11 +3,9 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from memjax.layers.heads import run_recurrent
+from memjax.layers.heads import FLOAT32_BYTES, head_dim, run_recurrent
 from memjax.layers.registry import MIXERS
 from memjax.ops import linear_attention, linear_attention_step
-
-FLOAT32_BYTES = 4
 
 
 @MIXERS.register("linear_attention")
@@ -28,9 +26,9 @@ class LinearAttention(nn.Module):
     @nn.compact
     def __call__(self, x, cache=None):
         batch, seq_len, _ = x.shape
-        head_dim = self._head_dim()
+        width = head_dim(self.d_model, self.num_heads)
         qkv = nn.Dense(3 * self.d_model, use_bias=False, name="qkv")(x)
-        q, k, v = jnp.split(qkv.reshape(batch, seq_len, self.num_heads, 3 * head_dim), 3, axis=-1)
+        q, k, v = jnp.split(qkv.reshape(batch, seq_len, self.num_heads, 3 * width), 3, axis=-1)
         o, state = run_recurrent(
             linear_attention, linear_attention_step, None if cache is None else cache["state"],
             {"impl": self.impl, "chunk_size": self.chunk_size}, q=q, k=k, v=v)
@@ -38,18 +36,13 @@ class LinearAttention(nn.Module):
         y = nn.Dense(self.d_model, use_bias=False, name="out")(o)
         return y if cache is None else (y, {"state": state})
 
-    def _head_dim(self) -> int:
-        if self.d_model % self.num_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
-        return self.d_model // self.num_heads
-
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         del max_len  # the recurrent state does not grow with the sequence
-        head_dim = self._head_dim()
-        return {"state": jnp.zeros((batch_size, self.num_heads, head_dim, head_dim), jnp.float32)}
+        width = head_dim(self.d_model, self.num_heads)
+        return {"state": jnp.zeros((batch_size, self.num_heads, width, width), jnp.float32)}
 
     def state_size(self, seq_len: int) -> int:
         """Bytes of the recurrent state, independent of `seq_len`: H * K * V float32."""
         del seq_len
-        head_dim = self._head_dim()
-        return self.num_heads * head_dim * head_dim * FLOAT32_BYTES
+        width = head_dim(self.d_model, self.num_heads)
+        return self.num_heads * width * width * FLOAT32_BYTES
