@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-IGNORE_INDEX = -100  # label of positions that are not supervised (same value as the tasks use)
+from memjax.tasks.mqar import IGNORE_INDEX  # label of unsupervised positions, for every task
+
 
 
 @flax.struct.dataclass
