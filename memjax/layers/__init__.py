@@ -5,3 +5,5 @@ from memjax.layers import (  # noqa: F401  (registration)
 from memjax.layers.conv import ShortConv
 from memjax.layers.mlp import GatedMLP
 from memjax.layers.registry import MIXERS, build_mixer, mixer_options
+
+__all__ = ["MIXERS", "GatedMLP", "ShortConv", "build_mixer", "mixer_options"]
