@@ -12,13 +12,19 @@ included): 2 min 59 s in all, early stop at step 750 with test accuracy 0.996 on
         --config.train.steps=500 --config.model.d_model=128
 
 Arguments after `:` (comma-separated): `model=<mixer>` (a registered mixer or a preset below),
-`d_model=<int>`, `T=<int>` and `pairs=<int>` (the one train/test segment), `smoke` (a tiny, fast run for tests).
+`d_model=<int>`, `T=<int>` and `pairs=<int>`, `mixture=` (`single`: train and test on (T, pairs)
+only; `ladder`: train on (T, pairs), (T/2, pairs/2), ... down to T=64 and test on each, which
+converges in far fewer steps; `zoology`: Zoology's full training mixture and its seven test
+segments, ignoring T and pairs), `smoke` (a tiny, fast run for tests).
 """
+
+import dataclasses
 
 import ml_collections
 
 from memjax.config import parse_arg
 from memjax.layers import mixer_options
+from memjax.tasks.mqar import zoology_test_segments, zoology_train_segments
 
 # Presets that are a registered mixer with some options changed.
 MIXER_PRESETS = {
@@ -32,8 +38,23 @@ def mixer_config(model: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"name": name, **options})
 
 
+def ladder_segments(seq_len: int, num_pairs: int, num_examples: int = 20_000) -> tuple:
+    """(T, K, n), (T/2, K/2, n), ... down to T = 64: easier settings mixed into training.
+
+    Recall is learnt first on the short, few-pair segments (as in Zoology's mixture, which starts
+    at (64, 4)), which makes the target setting converge in far fewer steps than training on it
+    alone.
+    """
+    segments = []
+    while seq_len >= 64 and num_pairs >= 1:
+        segments.append((seq_len, num_pairs, num_examples))
+        seq_len, num_pairs = seq_len // 2, num_pairs // 2
+    return tuple(reversed(segments))
+
+
 def get_config(arg=None):
-    arg = parse_arg(arg, model="attention", d_model=64, T=64, pairs=4, smoke=False)
+    arg = parse_arg(arg, model="attention", d_model=64, T=64, pairs=4, mixture="single",
+                    smoke=False)
     config = ml_collections.ConfigDict()
     config.seed = 0
 
@@ -45,6 +66,8 @@ def get_config(arg=None):
     # counts follow Zoology's mixture: 100k for its (64, 4) segment, 20k for the others.
     train_examples = 100_000 if (arg["T"], arg["pairs"]) == (64, 4) else 20_000
     config.task.train_segments = ((arg["T"], arg["pairs"], train_examples),)
+    if arg["ladder"]:
+        config.task.train_segments = ladder_segments(arg["T"], arg["pairs"])
     config.task.test_segments = ((arg["T"], arg["pairs"], 1_000),)
     config.task.power_a = 0.01
     config.task.random_filler = True

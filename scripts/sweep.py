@@ -1,6 +1,6 @@
 """Runs a study's grid of training runs; finished runs are skipped, so a sweep resumes.
 
-    python scripts/sweep.py experiments/mqar_mixers.py [--preset cpu] [--parallel N] [--dry-run] \
+    python scripts/sweep.py experiments/zoology_mqar.py [--preset cpu] [--parallel N] [--dry-run] \
         [--sweep-dir runs/sweeps/<study>]
 
 Then `python scripts/report.py runs/sweeps/<study>` writes the table and plots.

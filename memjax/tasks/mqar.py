@@ -38,11 +38,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import operator
-from typing import Any, Sequence
+from typing import Sequence
 
 import grain
 import numpy as np
+
+from memjax.tasks import data
+from memjax.tasks.data import IGNORE_INDEX
+
+# Per-segment seeds: train in [0, 2**31), test in [2**31, 2**32) (see memjax.tasks.data).
+segment_seeds = data.slice_seeds
 
 __all__ = [
     "IGNORE_INDEX",
@@ -58,18 +63,6 @@ __all__ = [
     "zoology_test_segments",
     "zoology_train_segments",
 ]
-
-# Label of unsupervised positions; the loss and the accuracy skip it (PyTorch's convention, kept so
-# numbers compare with Zoology's).
-IGNORE_INDEX = -100
-
-# Seed ranges of the two splits. Disjoint by construction, so no test example shares a random
-# stream with a training example.
-_SPLIT_RANGES = {"train": (0, 2**31), "test": (2**31, 2**32)}
-# Mixed into the entropy of derived seeds so that the segment seeds of the two splits and the
-# shuffle seed come from unrelated streams of the same master seed.
-_SPLIT_CODES = {"train": 0, "test": 1}
-_SHUFFLE_CODE = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,15 +95,6 @@ class Segment:
         return f"T{self.seq_len}_K{self.num_pairs}"
 
 
-def _as_int(name: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int, got {value!r}") from None
-
-
 def check_settings(vocab_size: int, seq_len: int, num_pairs: int) -> None:
     """Raises ValueError, naming the parameter, if (V, T, K) cannot produce an MQAR example.
 
@@ -118,9 +102,9 @@ def check_settings(vocab_size: int, seq_len: int, num_pairs: int) -> None:
     query region with at least K two-token slots). Keys are drawn from ``[1, V//2)``, so also
     ``K <= V//2 - 1`` (implied by the others, checked anyway so the message is clear).
     """
-    vocab_size = _as_int("vocab_size", vocab_size)
-    seq_len = _as_int("seq_len", seq_len)
-    num_pairs = _as_int("num_pairs", num_pairs)
+    vocab_size = data.as_int("vocab_size", vocab_size)
+    seq_len = data.as_int("seq_len", seq_len)
+    num_pairs = data.as_int("num_pairs", num_pairs)
     if num_pairs < 1:
         raise ValueError(f"num_pairs must be >= 1, got num_pairs={num_pairs}")
     if seq_len < 2 or seq_len % 2:
@@ -147,13 +131,6 @@ def _check_power_a(power_a: float) -> float:
     if not (math.isfinite(power_a) and power_a > 0):
         raise ValueError(f"power_a must be a finite number > 0, got power_a={power_a}")
     return power_a
-
-
-def _check_seed(name: str, seed: Any) -> int:
-    seed = _as_int(name, seed)
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"{name} must be in [0, 2**32), got {name}={seed}")
-    return seed
 
 
 @functools.lru_cache(maxsize=64)
@@ -196,13 +173,9 @@ def make_examples(
     draws are per example (one generator per index); only the assembly is vectorised.
     """
     check_settings(vocab_size, seq_len, num_pairs)
-    seed = _check_seed("seed", seed)
+    seed = data.check_seed("seed", seed)
     power_a = _check_power_a(power_a)
-    indices = np.asarray(indices)
-    if indices.ndim != 1 or not (indices.size == 0 or np.issubdtype(indices.dtype, np.integer)):
-        raise ValueError(f"indices must be a 1-D sequence of ints, got {indices!r}")
-    if indices.size and indices.min() < 0:
-        raise ValueError(f"indices must be >= 0, got min index {indices.min()}")
+    indices = data.check_indices(indices)
 
     n, k = len(indices), num_pairs
     keys = np.empty((n, k), np.int32)
@@ -210,7 +183,7 @@ def make_examples(
     gaps = np.empty((n, k), np.int64)
     filler = np.empty((n, seq_len), np.int32) if random_filler else None
     for row, index in enumerate(indices.tolist()):
-        rng = np.random.default_rng([seed, index])
+        rng = data.example_rng(seed, index)
         keys[row], values[row], gaps[row], f = _draw(
             rng, vocab_size, seq_len, num_pairs, power_a, random_filler
         )
@@ -246,92 +219,11 @@ def make_example(
     the K query positions ``p`` (all ``>= 2K``), where ``inputs[p]`` is a key and ``labels[p]`` its
     value from the context.
     """
-    index = _as_int("index", index)
+    index = data.as_int("index", index)
     batch = make_examples(
         vocab_size, seq_len, num_pairs, seed, [index], power_a=power_a, random_filler=random_filler
     )
     return {name: array[0] for name, array in batch.items()}
-
-
-def segment_seeds(master_seed: int, num_segments: int, split: str) -> list[int]:
-    """Deterministic, distinct per-segment seeds for one split.
-
-    ``"train"`` seeds lie in ``[0, 2**31)`` and ``"test"`` seeds in ``[2**31, 2**32)``, so the
-    splits are disjoint by construction. Seed ``i`` depends only on ``(master_seed, split, i)``
-    (plus, in the astronomically rare case of a collision with an earlier segment, a retry
-    counter), so adding segments at the end does not change the seeds of the earlier ones.
-    """
-    master_seed = _as_int("master_seed", master_seed)
-    num_segments = _as_int("num_segments", num_segments)
-    if master_seed < 0:
-        raise ValueError(f"master_seed must be >= 0, got master_seed={master_seed}")
-    if num_segments < 0:
-        raise ValueError(f"num_segments must be >= 0, got num_segments={num_segments}")
-    if split not in _SPLIT_RANGES:
-        raise ValueError(f"split must be one of {sorted(_SPLIT_RANGES)}, got split={split!r}")
-    low, high = _SPLIT_RANGES[split]
-    seeds: list[int] = []
-    for i in range(num_segments):
-        attempt = 0
-        while True:
-            word = np.random.SeedSequence([master_seed, _SPLIT_CODES[split], i, attempt])
-            seed = low + int(word.generate_state(1, np.uint32)[0]) % (high - low)
-            if seed not in seeds:
-                break
-            attempt += 1
-        seeds.append(seed)
-    return seeds
-
-
-def _shuffle_seed(master_seed: int) -> int:
-    return int(np.random.SeedSequence([master_seed, _SHUFFLE_CODE]).generate_state(1, np.uint32)[0])
-
-
-@dataclasses.dataclass(frozen=True)
-class _SegmentBatchFn:
-    """Maps an array of example indices to the stacked examples (a picklable Grain map fn)."""
-
-    vocab_size: int
-    segment: Segment
-    seed: int
-    power_a: float
-    random_filler: bool
-
-    def __call__(self, indices) -> dict[str, np.ndarray]:
-        return make_examples(
-            self.vocab_size,
-            self.segment.seq_len,
-            self.segment.num_pairs,
-            self.seed,
-            np.atleast_1d(indices),
-            power_a=self.power_a,
-            random_filler=self.random_filler,
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class _SegmentExampleFn(_SegmentBatchFn):
-    def __call__(self, index) -> dict[str, np.ndarray]:
-        return {name: array[0] for name, array in super().__call__(index).items()}
-
-
-def _check_segments(vocab_size, segments, power_a) -> list[Segment]:
-    segments = list(segments)
-    if not segments:
-        raise ValueError("segments must not be empty")
-    for seg in segments:
-        if not isinstance(seg, Segment):
-            raise ValueError(f"segments must be Segment objects, got {seg!r}")
-        check_settings(vocab_size, seg.seq_len, seg.num_pairs)
-    _check_power_a(power_a)
-    return segments
-
-
-def _check_batch_size(batch_size) -> int:
-    batch_size = _as_int("batch_size", batch_size)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
-    return batch_size
 
 
 def segment_dataset(
@@ -347,26 +239,38 @@ def segment_dataset(
     Elements are ``{"inputs": int32[T], "labels": int32[T]}``. Like every ``MapDataset``, indices
     past the end wrap around.
     """
-    check_settings(vocab_size, segment.seq_len, segment.num_pairs)
-    seed = _check_seed("seed", seed)
-    fn = _SegmentExampleFn(vocab_size, segment, seed, _check_power_a(power_a), bool(random_filler))
-    return grain.MapDataset.range(segment.num_examples).map(fn)
+    (segment_slice,) = _slices(vocab_size, [segment], power_a, random_filler)
+    seed = data.check_seed("seed", seed)
+    return grain.MapDataset.range(segment.num_examples).map(
+        functools.partial(_one_example, segment_slice.make_batch, seed))
 
 
-def _batched_segment(vocab_size, segment, seed, batch_size, drop_remainder, power_a, random_filler):
-    """Batches of one segment, each generated in one call (faster than batching single examples)."""
-    fn = _SegmentBatchFn(vocab_size, segment, seed, float(power_a), bool(random_filler))
-    return (
-        grain.MapDataset.range(segment.num_examples)
-        .batch(batch_size, drop_remainder=drop_remainder)
-        .map(fn)
-    )
+def _one_example(make_batch, seed, index) -> dict[str, np.ndarray]:
+    return {name: array[0] for name, array in make_batch(seed, [index]).items()}
+
+
+def _slices(vocab_size, segments, power_a, random_filler) -> list[data.Slice]:
+    segments = list(segments)
+    if not segments:
+        raise ValueError("segments must not be empty")
+    for seg in segments:
+        if not isinstance(seg, Segment):
+            raise ValueError(f"segments must be Segment objects, got {seg!r}")
+        check_settings(vocab_size, seg.seq_len, seg.num_pairs)
+    power_a = _check_power_a(power_a)
+    return [data.Slice(seg.name, seg.num_examples,
+                       functools.partial(_segment_batch, vocab_size, seg, power_a, bool(random_filler)))
+            for seg in segments]
+
+
+def _segment_batch(vocab_size, segment, power_a, random_filler, seed, indices):
+    return make_examples(vocab_size, segment.seq_len, segment.num_pairs, seed, np.atleast_1d(indices),
+                         power_a=power_a, random_filler=random_filler)
 
 
 def batches_per_epoch(segments: Sequence[Segment], batch_size: int) -> int:
     """Number of training batches in one epoch: ``sum(num_examples // batch_size)``."""
-    batch_size = _check_batch_size(batch_size)
-    return sum(seg.num_examples // batch_size for seg in segments)
+    return data.batches_per_epoch(segments, batch_size)
 
 
 def train_dataset(
@@ -381,50 +285,18 @@ def train_dataset(
 ) -> grain.IterDataset:
     """Endless training batches ``{"inputs": int32[B, T], "labels": int32[B, T]}``.
 
-    Segment ``i`` uses ``segment_seeds(seed, len(segments), "train")[i]``. Each segment is cut into
-    ``num_examples // batch_size`` batches (the remainder is dropped), so a batch never mixes
-    segments (segments may differ in T) and each segment contributes batches in proportion to its
-    size. One epoch is all those batches in an order shuffled from ``seed``; epochs repeat forever
-    with a different order each (Grain's index shuffle reseeds per epoch). The examples themselves
-    are the same in every epoch, as with Zoology's fixed training set.
-
-    The iterator (``iter(ds)``) supports ``get_state()`` / ``set_state(state)``; the state is a
-    small JSON-serialisable dict (``{"next_index": n}``), and restoring it yields exactly the
-    batches that would have followed.
-
-    Args:
-      prefetch: batches to prepare ahead in one background thread; 0 (default) generates each
-        batch synchronously in ``next()``. Either way the batches and states are identical.
+    ``memjax.tasks.data.train_dataset`` over one slice per segment: segment ``i`` uses
+    ``segment_seeds(seed, len(segments), "train")[i]``, a batch never mixes segments, each segment
+    contributes ``num_examples // batch_size`` batches per epoch in a shuffled order, and the
+    iterator state (``{"next_index": n}``) restores exactly. The examples are the same in every
+    epoch, as with Zoology's fixed training set.
 
     Raises:
       ValueError: an impossible (V, T, K) setting, or a segment with fewer examples than
         ``batch_size`` (it would contribute no batch).
     """
-    segments = _check_segments(vocab_size, segments, power_a)
-    batch_size = _check_batch_size(batch_size)
-    seed = _check_seed("seed", seed)
-    prefetch = _as_int("prefetch", prefetch)
-    if prefetch < 0:
-        raise ValueError(f"prefetch must be >= 0, got prefetch={prefetch}")
-    for seg in segments:
-        if seg.num_examples < batch_size:
-            raise ValueError(
-                f"segment {seg.name} has num_examples={seg.num_examples} < "
-                f"batch_size={batch_size}; it would contribute no batch"
-            )
-    seeds = segment_seeds(seed, len(segments), "train")
-    parts = [
-        _batched_segment(vocab_size, seg, s, batch_size, True, power_a, random_filler)
-        for seg, s in zip(segments, seeds)
-    ]
-    epoch = grain.MapDataset.concatenate(parts)
-    # shuffle() permutes within each epoch of length len(epoch) and derives the permutation from
-    # seed + epoch number; repeat(None) feeds it indices across epochs, so every epoch differs.
-    stream = epoch.shuffle(seed=_shuffle_seed(seed)).repeat(None)
-    read_options = grain.ReadOptions(
-        num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch
-    )
-    return stream.to_iter_dataset(read_options)
+    slices = _slices(vocab_size, segments, power_a, random_filler)
+    return data.train_dataset(slices, batch_size, seed, prefetch=prefetch)
 
 
 def test_datasets(
@@ -443,17 +315,8 @@ def test_datasets(
     smaller (``b < batch_size``) so every test example is scored once. Segment ``i`` uses
     ``segment_seeds(seed, len(segments), "test")[i]``, disjoint from every training seed.
     """
-    segments = _check_segments(vocab_size, segments, power_a)
-    batch_size = _check_batch_size(batch_size)
-    seed = _check_seed("seed", seed)
-    names = [seg.name for seg in segments]
-    if len(set(names)) != len(names):
-        raise ValueError(f"segments must have distinct names for evaluation, got {names}")
-    seeds = segment_seeds(seed, len(segments), "test")
-    return {
-        seg.name: _batched_segment(vocab_size, seg, s, batch_size, False, power_a, random_filler)
-        for seg, s in zip(segments, seeds)
-    }
+    slices = _slices(vocab_size, segments, power_a, random_filler)
+    return data.test_datasets(slices, batch_size, seed)
 
 
 def zoology_train_segments() -> list[Segment]:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from memjax.tasks.mqar import IGNORE_INDEX  # label of unsupervised positions, for every task
+from memjax.tasks.data import IGNORE_INDEX  # label of unsupervised positions, for every task
 
 
 
