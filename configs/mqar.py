@@ -65,10 +65,17 @@ def get_config(arg=None):
     # (seq_len, num_pairs, num_examples) per segment; a batch never mixes segments. Example
     # counts follow Zoology's mixture: 100k for its (64, 4) segment, 20k for the others.
     train_examples = 100_000 if (arg["T"], arg["pairs"]) == (64, 4) else 20_000
-    config.task.train_segments = ((arg["T"], arg["pairs"], train_examples),)
-    if arg["ladder"]:
+    if arg["mixture"] == "single":
+        config.task.train_segments = ((arg["T"], arg["pairs"], train_examples),)
+        config.task.test_segments = ((arg["T"], arg["pairs"], 1_000),)
+    elif arg["mixture"] == "ladder":
         config.task.train_segments = ladder_segments(arg["T"], arg["pairs"])
-    config.task.test_segments = ((arg["T"], arg["pairs"], 1_000),)
+        config.task.test_segments = tuple((t, k, 1_000) for t, k, _ in config.task.train_segments)
+    elif arg["mixture"] == "zoology":
+        config.task.train_segments = tuple(dataclasses.astuple(s) for s in zoology_train_segments())
+        config.task.test_segments = tuple(dataclasses.astuple(s) for s in zoology_test_segments())
+    else:
+        raise ValueError(f"unknown mixture {arg['mixture']!r}; known: single, ladder, zoology")
     config.task.power_a = 0.01
     config.task.random_filler = True
     config.task.batch_size = 256
