@@ -22,20 +22,8 @@ import dataclasses
 
 import ml_collections
 
-from memjax.config import parse_arg
-from memjax.layers import mixer_options
+from memjax.config import lm_config, make_smoke, mesh_config, parse_arg, train_config
 from memjax.tasks.mqar import zoology_test_segments, zoology_train_segments
-
-# Presets that are a registered mixer with some options changed.
-MIXER_PRESETS = {
-    "sliding_window": ("attention", {"window": 16}),
-}
-
-
-def mixer_config(model: str) -> ml_collections.ConfigDict:
-    name, overrides = MIXER_PRESETS.get(model, (model, {}))
-    options = mixer_options(name) | overrides
-    return ml_collections.ConfigDict({"name": name, **options})
 
 
 def ladder_segments(seq_len: int, num_pairs: int, num_examples: int = 20_000) -> tuple:
@@ -43,7 +31,8 @@ def ladder_segments(seq_len: int, num_pairs: int, num_examples: int = 20_000) ->
 
     Recall is learnt first on the short, few-pair segments (as in Zoology's mixture, which starts
     at (64, 4)), which makes the target setting converge in far fewer steps than training on it
-    alone.
+    alone: attention at d_model 128, batch 64, lr 3e-3 reached test accuracy 0.983 on (256, 16)
+    after 600 steps with the ladder, against 0.040 trained on (256, 16) alone.
     """
     segments = []
     while seq_len >= 64 and num_pairs >= 1:
@@ -81,37 +70,9 @@ def get_config(arg=None):
     config.task.batch_size = 256
     config.task.eval_batch_size = 250
 
-    config.model = ml_collections.ConfigDict()
-    config.model.name = "lm"
-    config.model.vocab_size = vocab_size
-    config.model.d_model = arg["d_model"]
-    config.model.num_layers = 2
-    config.model.mixer = mixer_config(arg["model"])
-    config.model.short_conv = 4
-    config.model.mlp_ratio = 0.0  # Zoology's MQAR models have no MLP ("Identity" state mixer).
-    config.model.norm = "layernorm"
-    config.model.pos_emb = "none"
-    config.model.max_len = 0
-    config.model.tie_embeddings = True
-
-    config.train = ml_collections.ConfigDict()
-    config.train.steps = 3_000
-    config.train.optimizer = "adamw"
-    config.train.lr = 3e-3
-    config.train.warmup_steps = 100
-    config.train.weight_decay = 0.1
-    config.train.b1 = 0.9
-    config.train.b2 = 0.98
-    config.train.grad_clip = 1.0
-    config.train.log_every = 50
-    config.train.eval_every = 250
-    config.train.checkpoint_every = 250
-    config.train.keep_checkpoints = 3
-    config.train.target_accuracy = 0.99  # early stop once pooled test accuracy reaches it; 0 = off
-    config.train.progress_bar = True
-
-    config.mesh = ml_collections.ConfigDict()
-    config.mesh.data = 1  # devices on the data-parallel axis; -1 = all devices
+    config.model = lm_config(vocab_size, arg["d_model"], arg["model"])
+    config.train = train_config()
+    config.mesh = mesh_config()
 
     if arg["smoke"]:
         vocab_size.set(64)
@@ -119,12 +80,5 @@ def get_config(arg=None):
         config.task.test_segments = ((16, 2, 64), (32, 4, 64))
         config.task.batch_size = 16
         config.task.eval_batch_size = 32
-        config.model.d_model = 16
-        config.train.steps = 20
-        config.train.warmup_steps = 5
-        config.train.log_every = 5
-        config.train.eval_every = 10
-        config.train.checkpoint_every = 10
-        config.train.target_accuracy = 0.0
-        config.train.progress_bar = False
+        make_smoke(config)
     return config

@@ -60,3 +60,74 @@ def load_config(spec: str, overrides: dict | None = None) -> ml_collections.Conf
             node = node[part]
         setattr(node, leaf, value)
     return config
+
+
+# Presets that are a registered mixer with some options changed (`model=<preset>` in configs).
+MIXER_PRESETS = {
+    "sliding_window": ("attention", {"window": 16}),
+}
+
+
+def mixer_config(model: str) -> ml_collections.ConfigDict:
+    """`config.model.mixer` for a registered mixer or a preset: its name and every option."""
+    from memjax.layers import mixer_options
+
+    name, overrides = MIXER_PRESETS.get(model, (model, {}))
+    return ml_collections.ConfigDict({"name": name, **(mixer_options(name) | overrides)})
+
+
+def lm_config(vocab_size, d_model: int, model: str, num_layers: int = 2) -> ml_collections.ConfigDict:
+    """`config.model` of the language-model backbone used by the synthetic tasks.
+
+    `vocab_size` may be a FieldReference shared with `config.task`. No MLP (Zoology's MQAR models
+    use an identity "state mixer"), a width-4 short convolution, no position embedding.
+    """
+    model_cfg = ml_collections.ConfigDict()
+    model_cfg.name = "lm"
+    model_cfg.vocab_size = vocab_size
+    model_cfg.d_model = d_model
+    model_cfg.num_layers = num_layers
+    model_cfg.mixer = mixer_config(model)
+    model_cfg.short_conv = 4
+    model_cfg.mlp_ratio = 0.0
+    model_cfg.norm = "layernorm"
+    model_cfg.pos_emb = "none"
+    model_cfg.max_len = 0
+    model_cfg.tie_embeddings = True
+    return model_cfg
+
+
+def train_config(steps: int = 3_000, lr: float = 3e-3) -> ml_collections.ConfigDict:
+    """`config.train`: AdamW with warm-up and cosine decay, evaluation, checkpoints, early stop."""
+    train = ml_collections.ConfigDict()
+    train.steps = steps
+    train.optimizer = "adamw"
+    train.lr = lr
+    train.warmup_steps = 100
+    train.weight_decay = 0.1
+    train.b1 = 0.9
+    train.b2 = 0.98
+    train.grad_clip = 1.0
+    train.log_every = 50
+    train.eval_every = 250
+    train.checkpoint_every = 250
+    train.keep_checkpoints = 3
+    train.target_accuracy = 0.99  # early stop once pooled test accuracy reaches it; 0 = off
+    train.progress_bar = True
+    return train
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"data": 1})  # devices on the data axis; -1 = all devices
+
+
+def make_smoke(config: ml_collections.ConfigDict) -> None:
+    """Shrinks `config.model` and `config.train` in place to a seconds-long run (for tests)."""
+    config.model.d_model = 16
+    config.train.steps = 20
+    config.train.warmup_steps = 5
+    config.train.log_every = 5
+    config.train.eval_every = 10
+    config.train.checkpoint_every = 10
+    config.train.target_accuracy = 0.0
+    config.train.progress_bar = False

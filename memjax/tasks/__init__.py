@@ -1,4 +1,8 @@
-"""Grain datasets for the synthetic tasks, and their metrics."""
+"""Synthetic tasks as Grain datasets. Importing this package registers every task in TASKS.
 
-from memjax.tasks.mqar import *  # noqa: F401,F403  (the public names are mqar.__all__)
-from memjax.tasks.mqar import __all__
+One module per task family; each defines its settings, a pure `(seed, index) -> example`
+generator, and a builder registered under `config.task.name`.
+"""
+
+from memjax.tasks import data, mqar  # noqa: F401  (importing a task module registers its builder)
+from memjax.tasks.registry import TASKS, TaskData  # noqa: F401

@@ -45,6 +45,7 @@ import numpy as np
 
 from memjax.tasks import data
 from memjax.tasks.data import IGNORE_INDEX
+from memjax.tasks.registry import TASKS, TaskData, parse_settings
 
 # Per-segment seeds: train in [0, 2**31), test in [2**31, 2**32) (see memjax.tasks.data).
 segment_seeds = data.slice_seeds
@@ -338,6 +339,29 @@ def zoology_test_segments() -> list[Segment]:
             (64, 4), (64, 8), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256)
         ]
     ]
+
+
+def _parse_segment(vocab_size: int, entry: tuple) -> Segment:
+    if len(entry) != 3:
+        raise ValueError("expected (seq_len, num_pairs, num_examples)")
+    segment = Segment(*map(int, entry))
+    check_settings(vocab_size, segment.seq_len, segment.num_pairs)
+    return segment
+
+
+@TASKS.register("mqar")
+def build(cfg, seed: int) -> TaskData:
+    """MQAR from `config.task`: vocab_size, train_segments and test_segments (tuples
+    `(seq_len, num_pairs, num_examples)`), power_a, random_filler, batch_size, eval_batch_size."""
+    parse = functools.partial(_parse_segment, cfg.vocab_size)
+    train_segments = parse_settings(cfg, "train_segments", parse)
+    test_segments = parse_settings(cfg, "test_segments", parse)
+    options = dict(power_a=cfg.power_a, random_filler=cfg.random_filler)
+    return TaskData(
+        train=train_dataset(cfg.vocab_size, train_segments, cfg.batch_size, seed, **options),
+        test=test_datasets(cfg.vocab_size, test_segments, cfg.eval_batch_size, seed, **options),
+        sample_length=max(s.seq_len for s in train_segments),
+    )
 
 
 # Its name starts with "test_"; keep pytest from collecting it when a test module imports it.
