@@ -65,6 +65,9 @@ def load_config(spec: str, overrides: dict | None = None) -> ml_collections.Conf
 # Presets that are a registered mixer with some options changed (`model=<preset>` in configs).
 MIXER_PRESETS = {
     "sliding_window": ("attention", {"window": 16}),
+    # Delta rule with beta in (0, 2): state-transition eigenvalues in (-1, 1], needed for parity.
+    "deltanet_neg": ("deltanet", {"allow_neg_eigval": True}),
+    "gated_deltanet_neg": ("gated_deltanet", {"allow_neg_eigval": True}),
 }
 
 
