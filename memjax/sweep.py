@@ -10,8 +10,10 @@ run killed midway resumes from its own checkpoint).
 import concurrent.futures
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,15 +45,50 @@ def is_complete(workdir: Path) -> bool:
     return (workdir / "result.json").exists()
 
 
-def launch(run: dict, workdir: Path) -> dict:
-    """Runs one training subprocess; logs to `workdir/log.txt`, wall time to `sweep_run.json`."""
+class _Children:
+    """The live training subprocesses, so that stopping the sweep stops (and checkpoints) them.
+
+    A SIGTERM to the sweep is forwarded to every child: each saves a checkpoint and exits (see
+    `memjax.train.trainer`), and no further run starts. Without this the children would outlive
+    the sweep and race a restarted sweep for the same run directories.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.procs: set[subprocess.Popen] = set()
+        self.stopping = threading.Event()
+
+    def stop(self, signum=signal.SIGTERM, frame=None):
+        self.stopping.set()
+        with self.lock:
+            for proc in self.procs:
+                proc.send_signal(signal.SIGTERM)
+
+
+def launch(run: dict, workdir: Path, children: _Children | None = None) -> dict | None:
+    """Runs one training subprocess; logs to `workdir/log.txt`, wall time to `sweep_run.json`.
+
+    The wall time accumulates over launches (a run resumed after an interrupted sweep reports
+    its total). Returns None without launching when the sweep is stopping.
+    """
+    children = children or _Children()
     workdir.mkdir(parents=True, exist_ok=True)
+    info_path = workdir / "sweep_run.json"
+    previous = json.loads(info_path.read_text()) if info_path.exists() else {}
     start = time.time()
     with open(workdir / "log.txt", "a") as log:
-        code = subprocess.call(command(run, workdir), stdout=log, stderr=subprocess.STDOUT)
+        with children.lock:
+            if children.stopping.is_set():
+                return None
+            proc = subprocess.Popen(command(run, workdir), stdout=log, stderr=subprocess.STDOUT)
+            children.procs.add(proc)
+        code = proc.wait()
+        with children.lock:
+            children.procs.discard(proc)
     info = {"name": run["name"], "config": run["config"], "overrides": run.get("overrides", {}),
-            "returncode": code, "wall_s": time.time() - start}
-    (workdir / "sweep_run.json").write_text(json.dumps(info, indent=2) + "\n")
+            "returncode": code, "wall_s": previous.get("wall_s", 0.0) + time.time() - start,
+            "launches": previous.get("launches", 0) + 1}
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
@@ -66,12 +103,24 @@ def run_sweep(study: str, sweep_dir, preset: str = "cpu", parallel: int = 1, dry
         for run in todo:
             print(" ".join(command(run, sweep_dir / run["name"])))
         return []
-    infos = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
-        futures = {pool.submit(launch, r, sweep_dir / r["name"]): r for r in todo}
-        for future in concurrent.futures.as_completed(futures):
-            info = future.result()
-            status = "ok" if info["returncode"] == 0 else f"FAILED (exit {info['returncode']}, see log.txt)"
-            print(f"{info['name']}: {status} in {info['wall_s']:.0f} s", flush=True)
-            infos.append(info)
+    infos, children = [], _Children()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, children.stop) if in_main else None
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+            futures = [pool.submit(launch, r, sweep_dir / r["name"], children) for r in todo]
+            for future in concurrent.futures.as_completed(futures):
+                info = future.result()
+                if info is None:
+                    continue
+                status = ("ok" if info["returncode"] == 0
+                          else f"FAILED (exit {info['returncode']}, see log.txt)")
+                print(f"{info['name']}: {status}, {info['wall_s']:.0f} s in all", flush=True)
+                infos.append(info)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous_handler)
+    if children.stopping.is_set():
+        raise SystemExit("sweep stopped by SIGTERM: running runs saved a checkpoint; "
+                         "start the sweep again to finish the missing runs")
     return infos

@@ -1,6 +1,11 @@
 """Sweeps run a study's grid, skip finished runs, and reports tabulate them."""
 
 import csv
+import json
+import signal
+import subprocess
+import sys
+import time
 
 from memjax.report import write_report
 from memjax.sweep import load_study, run_sweep
@@ -39,3 +44,38 @@ def test_dry_run_prints_commands_without_running(tmp_path, capsys):
     run_sweep(str(study), tmp_path / "sweep", "small", dry_run=True)
     out = capsys.readouterr().out
     assert "--config.train.steps=6" in out and not (tmp_path / "sweep").exists()
+
+
+KILLABLE_STUDY = '''
+def runs(preset):
+    overrides = {"train.steps": 1000, "train.warmup_steps": 1, "train.eval_every": 1000,
+                 "train.checkpoint_every": 20, "train.log_every": 20}
+    return [{"name": name, "config": "configs/mqar.py:smoke", "overrides": overrides}
+            for name in ("first", "second")]
+'''
+
+
+def test_killed_sweep_resumes_only_missing_runs(tmp_path):
+    """SIGTERM mid-run: the running run checkpoints, the restart finishes only what is missing."""
+    study, sweep_dir = tmp_path / "study.py", tmp_path / "sweep"
+    study.write_text(KILLABLE_STUDY)
+    cmd = [sys.executable, "scripts/sweep.py", str(study), "--sweep-dir", str(sweep_dir)]
+    sweep = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list((sweep_dir / "second" / "checkpoints").glob("[0-9]*")):
+        assert sweep.poll() is None and time.time() < deadline, sweep.communicate()[0]
+        time.sleep(0.2)
+    sweep.send_signal(signal.SIGTERM)
+    out, _ = sweep.communicate(timeout=120)
+    assert sweep.returncode != 0 and "stopped by SIGTERM" in out
+    assert (sweep_dir / "first" / "result.json").exists()
+    assert not (sweep_dir / "second" / "result.json").exists()
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 complete, 1 to run" in again.stdout
+    launches = {name: json.loads((sweep_dir / name / "sweep_run.json").read_text())["launches"]
+                for name in ("first", "second")}
+    assert launches == {"first": 1, "second": 2}
+    assert "resumed from" in (sweep_dir / "second" / "log.txt").read_text()
+    assert json.loads((sweep_dir / "second" / "result.json").read_text())["step"] == 1000
