@@ -1,9 +1,52 @@
-"""Sweep reports: one row per finished run (config, size, state size, per-slice accuracy, time),
-written as a Markdown table, a CSV and an accuracy-vs-state-size plot."""
+"""Sweep reports: one row per finished run, as a Markdown table, a CSV and PNG plots.
+
+A row holds the run's mixer (with its non-default options), d_model, learning rate, parameter
+count, recurrent state size, steps, wall time and every scalar test metric: the accuracy of each
+test slice as a column named after the slice (`T256_K16`), the pooled accuracy as `accuracy`,
+and regression errors as `<slice> mse`.
+
+Plots:
+- `accuracy_vs_state.png`: test accuracy against state size, one panel per test slice, one
+  colour per mixer, the best learning rate per (mixer, d_model), and the Pareto frontier (the
+  most accurate run at or below each state size) drawn as a dashed line.
+- `accuracy_vs_length.png` (when test slices span several lengths `T<n>...`): accuracy against
+  test length, one line per run, slices of the same length averaged (e.g. over needle depths).
+"""
 
 import csv
 import json
+import re
 from pathlib import Path
+
+# Mixer options that choose an implementation, not a model; left out of the mixer label.
+_IMPLEMENTATION_OPTIONS = {"impl", "chunk_size"}
+_LENGTH = re.compile(r"^T(\d+)")
+
+
+def mixer_label(mixer: dict) -> str:
+    """`name` plus the options that differ from the mixer's defaults, e.g.
+    `deltanet(allow_neg_eigval=True)`."""
+    from memjax.layers import mixer_options
+
+    defaults = mixer_options(mixer["name"])
+    changed = [f"{k}={v}" for k, v in mixer.items()
+               if k != "name" and k not in _IMPLEMENTATION_OPTIONS and defaults.get(k) != v]
+    return mixer["name"] + (f"({', '.join(changed)})" if changed else "")
+
+
+def _metric_columns(result: dict) -> dict:
+    columns = {}
+    for key, value in result.items():
+        if not key.startswith("test/") or not isinstance(value, (int, float)):
+            continue  # lists such as per-position error curves stay in result.json
+        name = key.removeprefix("test/")
+        if name.endswith("/accuracy"):
+            columns[name.removesuffix("/accuracy")] = value
+        elif "/" in name:
+            columns[name.replace("/", " ")] = value
+        else:
+            columns[name] = value
+    return columns
 
 
 def collect(sweep_dir) -> list[dict]:
@@ -15,66 +58,163 @@ def collect(sweep_dir) -> list[dict]:
         config = json.loads((run_dir / "config.json").read_text())
         info_path = run_dir / "sweep_run.json"
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        row = {"run": run_dir.name, "mixer": config["model"]["mixer"]["name"],
+        row = {"run": run_dir.name, "mixer": mixer_label(config["model"]["mixer"]),
                "d_model": config["model"]["d_model"], "lr": config["train"]["lr"],
                "params": result["num_params"], "state_bytes": result["state_size_bytes"],
                "steps": result["step"], "stopped": result["stopped"],
                "wall_s": round(info["wall_s"]) if "wall_s" in info else None}
-        row |= {k.removeprefix("test/").removesuffix("/accuracy"): v
-                for k, v in result.items() if k.startswith("test/")}
-        rows.append(row)
+        rows.append(row | _metric_columns(result))
     return rows
+
+
+def accuracy_slices(rows: list[dict]) -> list[str]:
+    """Names of the per-slice accuracy columns, in the order of the first row that has them."""
+    fixed = {"run", "mixer", "d_model", "lr", "params", "state_bytes", "steps", "stopped",
+             "wall_s", "accuracy"}
+    names = []
+    for row in rows:
+        for key, value in row.items():
+            if key not in fixed and " " not in key and isinstance(value, float) and key not in names:
+                names.append(key)
+    return names
+
+
+def best_per_point(rows: list[dict], metric: str = "accuracy") -> list[dict]:
+    """The run with the highest `metric` for each (mixer, d_model): the best learning rate."""
+    best = {}
+    for row in rows:
+        key = (row["mixer"], row["d_model"])
+        if row.get(metric) is None:
+            continue
+        if key not in best or row[metric] > best[key][metric]:
+            best[key] = row
+    return sorted(best.values(), key=lambda r: (r["mixer"], r["d_model"]))
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points `(state, accuracy)` not beaten by one with no more state and higher accuracy,
+    sorted by state."""
+    front, best = [], float("-inf")
+    for state, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
+        if accuracy > best:
+            front.append((state, accuracy))
+            best = accuracy
+    return front
 
 
 def markdown_table(rows: list[dict]) -> str:
     if not rows:
         return "(no finished runs)\n"
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(c for row in rows for c in row))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [f"{row[c]:.4f}" if isinstance(row[c], float) and c not in ("lr",) else str(row[c])
-                 for c in columns]
+        cells = []
+        for c in columns:
+            value = row.get(c)
+            cells.append(f"{value:.4f}" if isinstance(value, float) and c != "lr" else str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_csv(rows: list[dict], path):
+    columns = list(dict.fromkeys(c for row in rows for c in row)) or ["run"]
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["run"])
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
 
 
-def plot_accuracy_vs_state(rows: list[dict], path, metric: str = "accuracy"):
-    """Scatter of `metric` against state bytes (log x), one colour per mixer."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_accuracy_vs_state(rows: list[dict], path):
+    """One panel per test slice: accuracy vs state bytes (log x), Pareto frontier dashed."""
+    plt = _pyplot()
+    slices = accuracy_slices(rows) or ["accuracy"]
+    mixers = sorted({r["mixer"] for r in rows})
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(mixers)}
+    cols = min(len(slices), 4)
+    nrows = -(-len(slices) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.3 * nrows), squeeze=False)
+    for ax, name in zip(axes.flat, slices):
+        points = [(r["state_bytes"], r[name]) for r in rows if r.get(name) is not None]
+        for mixer in mixers:
+            mine = [(r["state_bytes"], r[name]) for r in rows
+                    if r["mixer"] == mixer and r.get(name) is not None]
+            if mine:
+                ax.scatter(*zip(*mine), color=colours[mixer], label=mixer, s=25, zorder=3)
+        front = pareto_front(points)
+        if len(front) > 1:
+            ax.step(*zip(*front), where="post", color="black", ls="--", lw=1, zorder=2,
+                    label="Pareto frontier")
+        ax.set_xscale("log")
+        ax.set_title(name, fontsize="medium")
+        ax.set_xlabel("state size (bytes)")
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(slices):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize="small",
+               bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.1 if nrows == 1 else 0.06, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def accuracy_by_length(row: dict) -> dict[int, float]:
+    """`{length: mean accuracy over the row's slices named T<length>...}`."""
+    by_length: dict[int, list[float]] = {}
+    for name in accuracy_slices([row]):
+        match = _LENGTH.match(name)
+        if match:
+            by_length.setdefault(int(match.group(1)), []).append(row[name])
+    return {n: sum(v) / len(v) for n, v in sorted(by_length.items())}
+
+
+def plot_accuracy_vs_length(rows: list[dict], path) -> bool:
+    """Accuracy vs test length, one line per run; returns False (no file) for fewer than two
+    lengths."""
+    curves = {r["run"]: accuracy_by_length(r) for r in rows}
+    if max((len(c) for c in curves.values()), default=0) < 2:
+        return False
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mixer in sorted({r["mixer"] for r in rows}):
-        points = [(r["state_bytes"], r[metric]) for r in rows if r["mixer"] == mixer]
-        ax.scatter(*zip(*points), label=mixer)
-    ax.set_xscale("log")
-    ax.set_xlabel("state size (bytes)")
-    ax.set_ylabel(f"test {metric}")
+    for row in rows:
+        curve = curves[row["run"]]
+        ax.plot(list(curve), list(curve.values()), marker="o", label=f"{row['mixer']} d{row['d_model']}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("test length")
+    ax.set_ylabel("test accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def write_report(sweep_dir, out_dir=None) -> list[dict]:
-    """Writes `report.md`, `report.csv` and `accuracy_vs_state.png` into `out_dir` (default:
-    the sweep directory) and returns the rows."""
+    """Writes `report.md` (best learning rate per (mixer, d_model), then every run),
+    `report.csv` (every run) and the plots into `out_dir` (default: the sweep directory);
+    returns the rows of every run."""
     out_dir = Path(out_dir or sweep_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = collect(sweep_dir)
-    (out_dir / "report.md").write_text(markdown_table(rows))
+    best = best_per_point(rows)
+    text = "## Best learning rate per (mixer, d_model)\n\n" + markdown_table(best)
+    text += "\n## Every run\n\n" + markdown_table(rows)
+    (out_dir / "report.md").write_text(text)
     write_csv(rows, out_dir / "report.csv")
-    if rows:
-        plot_accuracy_vs_state(rows, out_dir / "accuracy_vs_state.png")
+    if best:
+        plot_accuracy_vs_state(best, out_dir / "accuracy_vs_state.png")
+        plot_accuracy_vs_length(rows, out_dir / "accuracy_vs_length.png")
     return rows

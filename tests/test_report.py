@@ -1,0 +1,53 @@
+"""Report helpers: the Pareto frontier, best learning rate per point, labels and length curves."""
+
+import pytest
+
+from memjax.report import (accuracy_by_length, accuracy_slices, best_per_point, markdown_table,
+                           mixer_label, pareto_front, plot_accuracy_vs_length, plot_accuracy_vs_state)
+
+
+def test_pareto_front_keeps_runs_not_beaten_by_a_smaller_state():
+    points = [(100, 0.5), (50, 0.6), (200, 0.55), (400, 0.9), (400, 0.8), (800, 0.9), (25, 0.1)]
+    assert pareto_front(points) == [(25, 0.1), (50, 0.6), (400, 0.9)]
+    assert pareto_front([]) == []
+
+
+def _row(run, mixer, d, lr, state, **accuracies):
+    return {"run": run, "mixer": mixer, "d_model": d, "lr": lr, "state_bytes": state,
+            "accuracy": sum(accuracies.values()) / len(accuracies), **accuracies}
+
+
+def test_best_per_point_picks_the_best_learning_rate():
+    rows = [_row("a1", "gla", 64, 1e-3, 10, T64=0.2), _row("a2", "gla", 64, 3e-3, 10, T64=0.7),
+            _row("b", "gla", 128, 1e-3, 20, T64=0.4), _row("c", "attention", 64, 1e-3, 99, T64=1.0)]
+    assert [r["run"] for r in best_per_point(rows)] == ["c", "a2", "b"]
+
+
+def test_mixer_label_names_non_default_options_only():
+    assert mixer_label({"name": "deltanet", "num_heads": 2, "allow_neg_eigval": False,
+                        "chunk_size": 32}) == "deltanet"
+    assert mixer_label({"name": "deltanet", "allow_neg_eigval": True}) == \
+        "deltanet(allow_neg_eigval=True)"
+
+
+def test_accuracy_by_length_averages_slices_of_one_length():
+    row = _row("r", "gla", 64, 1e-3, 10, **{"T128_d0": 1.0, "T128_d1": 0.5, "T512_d0": 0.25})
+    assert accuracy_slices([row]) == ["T128_d0", "T128_d1", "T512_d0"]
+    assert accuracy_by_length(row) == {128: 0.75, 512: 0.25}
+
+
+def test_plots_and_table_are_written(tmp_path):
+    rows = [_row("a", "gla", 64, 1e-3, 10, T64=0.2, T256=0.1),
+            _row("b", "attention", 64, 1e-3, 99, T64=1.0, T256=0.9)]
+    plot_accuracy_vs_state(rows, tmp_path / "state.png")
+    assert plot_accuracy_vs_length(rows, tmp_path / "length.png")
+    assert (tmp_path / "state.png").stat().st_size > 0 and (tmp_path / "length.png").stat().st_size > 0
+    assert not plot_accuracy_vs_length([_row("c", "gla", 64, 1e-3, 10, T64=0.5)], tmp_path / "x.png")
+    assert "| b | attention | 64 | 0.001 | 99 | 0.9500 | 1.0000 | 0.9000 |" in markdown_table(rows)
+
+
+@pytest.mark.parametrize("points", [[(1, 0.5)], [(3, 0.2), (1, 0.1)]])
+def test_pareto_front_is_sorted_and_monotone(points):
+    front = pareto_front(points)
+    assert [s for s, _ in front] == sorted(s for s, _ in front)
+    assert all(a < b for (_, a), (_, b) in zip(front, front[1:]))
