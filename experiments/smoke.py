@@ -9,6 +9,7 @@ Attention usually ends near 0.5-1.0 test accuracy at this budget; the point is a
 check, not a converged comparison (see zoology_mqar for that).
 """
 
+PRESETS = ("cpu",)
 MIXERS = ("attention", "gated_deltanet", "linear_attention")
 
 

@@ -17,6 +17,7 @@ test segments up to (1024, 256) (`mixture=zoology`), batch 256, 10k steps, d_mod
 learning rate per (mixer, d_model).
 """
 
+PRESETS = ("cpu", "full")
 MIXERS = ("attention", "based", "gated_deltanet", "deltanet", "gla", "retnet", "linear_attention",
           "rwkv7")
 

@@ -1,6 +1,7 @@
 """Sweeps: a study file's grid of runs, launched as `scripts/train.py` subprocesses.
 
-A study is a Python file defining `runs(preset: str) -> list[dict]`; each dict has `name` (the run
+A study is a Python file defining `PRESETS` (the grid sizes it offers, e.g. `("cpu", "full")`)
+and `runs(preset: str) -> list[dict]`; each dict has `name` (the run
 directory under the sweep directory), `config` (`path.py:args`) and optional `overrides`
 (`{"train.steps": 500}`, passed as `--config.train.steps=500`). A run whose `result.json` exists
 is complete and skipped, so an interrupted sweep started again runs only what is missing (and a
@@ -18,13 +19,19 @@ import time
 from pathlib import Path
 
 
-def load_study(path: str, preset: str) -> list[dict]:
+def load_study_module(path):
+    """The study file at `path` as a module (it defines `runs(preset)` and `PRESETS`)."""
     spec = importlib.util.spec_from_file_location("_memjax_study", path)
     if spec is None:
         raise FileNotFoundError(f"no study file at {path!r}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    runs = module.runs(preset)
+    return module
+
+
+def load_study(path: str, preset: str) -> list[dict]:
+    """The runs of `preset`, checked: unique names, only the known fields."""
+    runs = load_study_module(path).runs(preset)
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"study {path} has duplicate run names")

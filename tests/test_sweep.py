@@ -6,9 +6,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from memjax.report import write_report
-from memjax.sweep import load_study, run_sweep
+from memjax.config import load_config
+from memjax.sweep import load_study, load_study_module, run_sweep
 
 STUDY = '''
 def runs(preset):
@@ -79,3 +83,14 @@ def test_killed_sweep_resumes_only_missing_runs(tmp_path):
     assert launches == {"first": 1, "second": 2}
     assert "resumed from" in (sweep_dir / "second" / "log.txt").read_text()
     assert json.loads((sweep_dir / "second" / "result.json").read_text())["step"] == 1000
+
+
+@pytest.mark.parametrize("study", sorted(Path("experiments").glob("*.py")), ids=lambda p: p.stem)
+def test_every_study_run_is_a_valid_config(study):
+    """Each study names its presets; every run of every preset loads (keys and types checked)."""
+    presets = load_study_module(study).PRESETS
+    for preset in presets:
+        for run in load_study(str(study), preset):
+            load_config(run["config"], {k: v for k, v in run.get("overrides", {}).items()})
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_study(str(study), "no-such-preset")
