@@ -27,6 +27,19 @@ def test_mqar_presets_pick_the_mixer_and_its_options():
         load_config("configs/mqar.py:model=nope")
 
 
+def test_mqar_mixtures_choose_train_and_test_segments():
+    single = load_config("configs/mqar.py:T=256,pairs=16").task
+    assert single.train_segments == ((256, 16, 20_000),) and single.test_segments == ((256, 16, 1_000),)
+    ladder = load_config("configs/mqar.py:T=256,pairs=16,mixture=ladder").task
+    assert ladder.train_segments == ((64, 4, 20_000), (128, 8, 20_000), (256, 16, 20_000))
+    assert ladder.test_segments == ((64, 4, 1_000), (128, 8, 1_000), (256, 16, 1_000))
+    zoology = load_config("configs/mqar.py:mixture=zoology").task
+    assert zoology.train_segments[0] == (64, 4, 100_000) and len(zoology.train_segments) == 5
+    assert zoology.test_segments[-1] == (1024, 256, 1_000) and len(zoology.test_segments) == 7
+    with pytest.raises(ValueError, match="unknown mixture 'zoo'"):
+        load_config("configs/mqar.py:mixture=zoo")
+
+
 def test_overrides_are_type_checked_and_locked():
     assert load_config("configs/mqar.py:smoke", {"train.steps": 7}).train.steps == 7
     with pytest.raises(AttributeError, match="stepz"):
