@@ -125,7 +125,7 @@ def test_builder():
                       train_slices=((16, "random", 40), (32, 0.5, 16)),
                       test_slices=((16, 0.0, 9), (64, 1.0, 5), (64, 0.5, 4)),
                       batch_size=8, eval_batch_size=4)
-    options = dict(vocab_size=V, passkey_len=3, num_digits=10)
+    options = {"vocab_size": V, "passkey_len": 3, "num_digits": 10}
     assert_builder_follows_config(
         cfg, [PasskeySettings(16, "random", 40, **options), PasskeySettings(32, 0.5, 16, **options)],
         [PasskeySettings(16, 0.0, 9, **options), PasskeySettings(64, 1.0, 5, **options),
