@@ -8,6 +8,8 @@ setup(
     description="JAX research code for recurrent and state-space memory architectures.",
     python_requires=">=3.12",  # why: ../shared/DESIGN.md, Versions (jax 0.10 deadlocks on CPU).
     packages=find_packages(include=["memjax", "memjax.*", "kernels", "kernels.*"]),
+    # Data files inside packages: the digit images of memjax.tasks.digits (UCI, CC BY 4.0).
+    package_data={"memjax.tasks": ["assets/*.npz"]},
     install_requires=[
         "jax>=0.12",
         "flax>=0.12",
