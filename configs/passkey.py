@@ -9,6 +9,12 @@ the query).
 
     python scripts/train.py --config configs/passkey.py:model=attention --workdir runs/passkey
 
+Measured once (2-core CPU shared with another training job, 67 s wall including evaluation):
+the command above with `--config.train.steps=300 --config.train.eval_every=300` (attention,
+d_model 64, 37,888 parameters) reached per-slice test accuracy 0.94-0.97 at depths 0 to 0.75 for
+every length (128, 256 and 512: it extrapolates to 4x), but only 0.19-0.25 at depth 1 (needle
+right before the query, a start that random-depth training rarely shows), pooled 0.806.
+
 Arguments after `:` (comma-separated): `model=` a registered mixer or a preset (default
 attention), `d_model=` (default 64), `T=` the training length (default 128), `n=` the passkey
 length (default 5), `smoke` (a tiny, fast run for tests). Slices are named `T<T>_d<depth>`
