@@ -60,7 +60,7 @@ class Block(nn.Module):
 
 @MODELS.register("lm")
 class LanguageModel(nn.Module):
-    """A stack of `num_layers` blocks over token embeddings.
+    """A stack of `num_layers` blocks over token embeddings (or projected float inputs).
 
     `__call__(tokens [B, T] int, positions=None)` returns logits `[B, T, vocab]`, or only at
     `positions [B, M]` (`[B, M, vocab]`): tasks supervised at few positions (MQAR queries) then
@@ -69,6 +69,16 @@ class LanguageModel(nn.Module):
     tokens, cache=cache)` for a prompt (prefill) and again for each new token; the logits equal
     those of one forward pass over the whole sequence. `pos_emb="learned"` adds absolute position
     embeddings up to `max_len`; `"none"` relies on the mixers (and short convolution) for order.
+
+    Continuous inputs and outputs (in-context regression and the like):
+      `input_dim = 0` (default): `tokens` are int ids `[B, T]` looked up in the `embed` table.
+      `input_dim = n > 0`: `tokens` are floats `[B, T, n]`, mapped to `[B, T, d_model]` by a Dense
+        layer `input_proj` (with bias); no embedding table unless the output is tied to one.
+      `output_dim = 0` (default): vocab logits, from the embedding (`tie_embeddings`, which then
+        needs the table even with float inputs) or a bias-free Dense `lm_head`.
+      `output_dim = o > 0`: a Dense regression head `head` (with bias) of width o: `[B, T, o]`.
+    Token models (both 0) have exactly the parameters, outputs and cache they had before these
+    options existed. Prefill-then-decode works the same for float inputs (`[B, t, n]` chunks).
     """
 
     vocab_size: int
@@ -81,12 +91,20 @@ class LanguageModel(nn.Module):
     pos_emb: str = "none"
     max_len: int = 0
     tie_embeddings: bool = True
+    input_dim: int = 0
+    output_dim: int = 0
 
     @nn.compact
     def __call__(self, tokens, positions=None, cache=None):
-        embed = nn.Embed(self.vocab_size, self.d_model, embedding_init=nn.initializers.normal(0.02),
-                         name="embed")
-        x = embed(tokens)
+        self._check_io(tokens)
+        embed = None
+        if not self.input_dim or (not self.output_dim and self.tie_embeddings):
+            embed = nn.Embed(self.vocab_size, self.d_model,
+                             embedding_init=nn.initializers.normal(0.02), name="embed")
+        if self.input_dim:
+            x = nn.Dense(self.d_model, name="input_proj")(tokens.astype(jnp.float32))
+        else:
+            x = embed(tokens)
         if self.pos_emb == "learned":
             if tokens.shape[1] > self.max_len:
                 raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len {self.max_len}"
@@ -108,13 +126,28 @@ class LanguageModel(nn.Module):
         x = _norm(self.norm, "final_norm")(x)
         if positions is not None:
             x = jnp.take_along_axis(x, positions[..., None], axis=1)
-        if self.tie_embeddings:
+        if self.output_dim:
+            logits = nn.Dense(self.output_dim, name="head")(x)
+        elif self.tie_embeddings:
             logits = embed.attend(x)
         else:
             logits = nn.Dense(self.vocab_size, use_bias=False, name="lm_head")(x)
         if cache is None:
             return logits
         return logits, {"length": cache["length"] + tokens.shape[1], "blocks": block_caches}
+
+    def _check_io(self, tokens):
+        for field in ("input_dim", "output_dim"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
+        if self.input_dim:
+            if tokens.ndim != 3 or tokens.shape[-1] != self.input_dim:
+                raise ValueError(f"input_dim = {self.input_dim} expects float inputs [B, T, "
+                                 f"{self.input_dim}], got shape {tokens.shape}")
+        needs_vocab = not self.input_dim or not self.output_dim  # an embedding or vocab logits
+        if needs_vocab and self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1 for token inputs or vocab logits, got "
+                             f"{self.vocab_size}")
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         """An empty decoding cache for `batch_size` sequences of up to `max_len` tokens."""

@@ -14,11 +14,35 @@ from memjax.registry import Registry
 TASKS = Registry("task")
 
 
+LOSSES = ("cross_entropy", "mse")
+
+
 @dataclasses.dataclass
 class TaskData:
-    train: grain.IterDataset  # endless batches {"inputs", "labels"} `[B, T]`; checkpointable iterator
+    """What the trainer needs from a task. The defaults describe a token classification task.
+
+    `loss = "cross_entropy"`: batches `{"inputs": int[B, T], "labels": int[B, T]}`, labels
+    `IGNORE_INDEX` where unsupervised; scored by accuracy (`input_dim = output_dim = 0`).
+    `loss = "mse"`: batches `{"inputs": float[B, T, input_dim], "targets": float[B, T, output_dim]}`
+    plus an optional `"mask": float[B, T]` (1 = supervised, default all ones); scored by mean
+    squared error, per slice and per position. The model's `input_dim`/`output_dim` must match.
+    """
+
+    train: grain.IterDataset  # endless batches (see above); checkpointable iterator
     test: dict[str, grain.MapDataset]  # slice name -> batches, for per-slice metrics
     sample_length: int  # the training sequence length (longest), to initialise models
+    input_dim: int = 0  # 0: int token inputs [B, T]; n > 0: float inputs [B, T, n]
+    output_dim: int = 0  # 0: vocab logits; o > 0: float targets [B, T, o] (regression)
+    loss: str = "cross_entropy"  # one of LOSSES
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"TaskData.loss must be one of {LOSSES}, got {self.loss!r}")
+        if (self.loss == "mse") != (self.output_dim > 0):
+            raise ValueError(f"loss {self.loss!r} with output_dim = {self.output_dim}: mse needs "
+                             "output_dim > 0, cross_entropy needs output_dim = 0")
+        if self.input_dim < 0:
+            raise ValueError(f"TaskData.input_dim must be >= 0, got {self.input_dim}")
 
 
 def parse_settings(cfg, key: str, parse: Callable[[tuple], object]) -> list:

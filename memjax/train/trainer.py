@@ -7,6 +7,15 @@ and, once training ends, `result.json` (final per-segment test accuracy). Starti
 same workdir resumes from the latest checkpoint (parameters, optimizer, RNG, data-iterator state
 and partial metric sums), so an interrupted run ends exactly as an uninterrupted one would.
 SIGTERM/SIGINT save a checkpoint at the current step and stop (`Preempted`).
+
+The task chooses the loss (`TaskData.loss`). Classification (`"cross_entropy"`, the default):
+train metrics `loss`, `accuracy`; test metrics `test/<slice>/accuracy` and the pooled
+`test/accuracy`; `train.target_accuracy` stops training early once `test/accuracy` reaches it.
+Regression (`"mse"`): train metrics `loss`, `mse`; test metrics `test/<slice>/mse` (mean over the
+slice's supervised positions and examples), the pooled `test/mse`, and the curve
+`test/<slice>/mse_by_position` (a list of T floats, NaN where nothing is supervised). The curves
+are in `result.json` only; `metrics.jsonl` and TensorBoard get the scalars. `target_accuracy` is
+ignored for regression (there is no accuracy; training runs `train.steps` steps).
 """
 
 import contextlib
@@ -20,6 +29,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm import tqdm
 
 from memjax.config import to_dict
@@ -29,8 +39,7 @@ from memjax.train import mesh as mesh_lib
 from memjax.train.checkpoint import Checkpointer, abstract_like
 from memjax.train.metrics import MetricWriter
 from memjax.train.optim import build_optimizer
-from memjax.train.step import (TrainState, make_eval_step, make_train_step, pad_rows,
-                               supervised_batch)
+from memjax.train.step import TrainState, make_eval_step, make_train_step, pad_rows, prepare_batch
 
 
 class TrainingDiverged(RuntimeError):
@@ -88,13 +97,31 @@ class _RunningMeans:
         return means
 
 
-def evaluate(eval_step, params, test_sets, eval_batch_size, sharding) -> dict[str, float]:
-    """Per-segment accuracy `test/<segment>/accuracy` and pooled `test/accuracy` (over examples)."""
+def _check_task_and_model(task, model):
+    """The model's input and output widths must be the ones the task's batches have."""
+    input_dim, output_dim = getattr(model, "input_dim", 0), getattr(model, "output_dim", 0)
+    if input_dim != task.input_dim:
+        raise ValueError(f"model.input_dim = {input_dim} but the task's inputs are "
+                         + (f"floats of width {task.input_dim}" if task.input_dim else "token ids")
+                         + f": set model.input_dim = {task.input_dim}")
+    if output_dim != task.output_dim:
+        raise ValueError(f"model.output_dim = {output_dim} but the task's loss is "
+                         f"{task.loss} with targets of width {task.output_dim}: set "
+                         f"model.output_dim = {task.output_dim}")
+
+
+def evaluate(eval_step, params, test_sets, eval_batch_size, sharding, loss="cross_entropy") -> dict:
+    """Per-segment accuracy `test/<segment>/accuracy` and pooled `test/accuracy` (over examples).
+
+    For `loss="mse"`, `evaluate_mse` instead.
+    """
+    if loss == "mse":
+        return evaluate_mse(eval_step, params, test_sets, eval_batch_size, sharding)
     results, total, count = {}, 0.0, 0
     for name, batches in test_sets.items():
         seg_total, seg_count = 0.0, 0
         for i in range(len(batches)):
-            batch = pad_rows(supervised_batch(batches[i]), eval_batch_size)
+            batch = pad_rows(prepare_batch(batches[i], loss), eval_batch_size)
             acc_sum, n = eval_step(params, jax.device_put(batch, sharding))
             seg_total += float(acc_sum)
             seg_count += int(n)
@@ -102,6 +129,34 @@ def evaluate(eval_step, params, test_sets, eval_batch_size, sharding) -> dict[st
         total, count = total + seg_total, count + seg_count
     results["test/accuracy"] = total / max(count, 1)
     return results
+
+
+def evaluate_mse(eval_step, params, test_sets, eval_batch_size, sharding) -> dict:
+    """Per slice `test/<slice>/mse` and `test/<slice>/mse_by_position`; pooled `test/mse`.
+
+    A slice's `mse` is the mean squared error over all its supervised (example, position) pairs;
+    `mse_by_position[t]` the mean over its examples at position t (NaN if none is supervised
+    there). `test/mse` pools every supervised pair of every slice.
+    """
+    results, total, count = {}, 0.0, 0.0
+    for name, batches in test_sets.items():
+        sums, counts = 0.0, 0.0
+        for i in range(len(batches)):
+            batch = pad_rows(prepare_batch(batches[i], "mse"), eval_batch_size)
+            batch_sums, batch_counts = jax.device_get(eval_step(params, jax.device_put(batch, sharding)))
+            sums, counts = sums + np.asarray(batch_sums, np.float64), counts + np.asarray(batch_counts, np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            curve = np.where(counts > 0, sums / counts, np.nan)
+        results[f"test/{name}/mse"] = float(np.sum(sums) / max(np.sum(counts), 1.0))
+        results[f"test/{name}/mse_by_position"] = [float(v) for v in curve]
+        total, count = total + float(np.sum(sums)), count + float(np.sum(counts))
+    results["test/mse"] = total / max(count, 1.0)
+    return results
+
+
+def _scalars(metrics: dict) -> dict:
+    """The scalar entries (what `metrics.jsonl` and TensorBoard get; curves stay in result.json)."""
+    return {k: v for k, v in metrics.items() if not isinstance(v, (list, tuple))}
 
 
 def train(config, workdir, hooks=()) -> dict:
@@ -119,6 +174,7 @@ def train(config, workdir, hooks=()) -> dict:
     optimizer = build_optimizer(cfg)
     mesh = mesh_lib.build_mesh(config.mesh.data)
     _check_batch_divisible(config, mesh)
+    _check_task_and_model(task, model)
     replicated, batch_sharding = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
 
     result_path = workdir / "result.json"
@@ -131,7 +187,10 @@ def train(config, workdir, hooks=()) -> dict:
 
     def init_state(rng):
         init_rng, state_rng = jax.random.split(rng)
-        sample = jnp.zeros((1, task.sample_length), jnp.int32)
+        if task.input_dim:
+            sample = jnp.zeros((1, task.sample_length, task.input_dim), jnp.float32)
+        else:
+            sample = jnp.zeros((1, task.sample_length), jnp.int32)
         params = model.init(init_rng, sample)["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=optimizer.init(params), rng=state_rng)
@@ -155,8 +214,9 @@ def train(config, workdir, hooks=()) -> dict:
         checkpoints.save(step, state, {"data_iterator": train_iter.get_state(),
                                        "running_sums": running.sums, "model": model_config})
 
-    train_step = jax.jit(make_train_step(model, optimizer), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model))
+    train_step = jax.jit(make_train_step(model, optimizer, task.loss), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model, task.loss))
+    score = "mse" if task.loss == "mse" else "accuracy"  # the train metric shown beside the loss
     writer = MetricWriter(workdir, resume_step=start)
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress_bar, dynamic_ncols=True,
                file=sys.stdout)
@@ -166,7 +226,7 @@ def train(config, workdir, hooks=()) -> dict:
         with _stop_signals() as stop:
             while step < cfg.steps:
                 step_start = time.perf_counter()
-                batch = supervised_batch(next(train_iter))
+                batch = prepare_batch(next(train_iter), task.loss)
                 state, metrics = train_step(state, jax.device_put(batch, batch_sharding))
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 window_seconds += time.perf_counter() - step_start
@@ -177,22 +237,24 @@ def train(config, workdir, hooks=()) -> dict:
                         f"saving (latest checkpoint: {checkpoints.latest_step()}). Lower train.lr "
                         "or raise train.warmup_steps.")
                 running.add(metrics)
-                window_tokens += batch["inputs"].size
+                window_tokens += batch["inputs"].shape[0] * batch["inputs"].shape[1]
                 for hook in hooks:
                     hook(step, state)
                 if step % cfg.log_every == 0:
                     logged = running.pop_means() | {"perf/tokens_per_s": window_tokens / window_seconds}
                     writer.write(step, logged)
                     bar.set_postfix(loss=f"{logged['train/loss']:.3f}",
-                                    acc=f"{logged['train/accuracy']:.3f}",
+                                    **{score[:3]: f"{logged[f'train/{score}']:.3f}"},
                                     tok_s=f"{logged['perf/tokens_per_s']:.0f}")
                     window_seconds, window_tokens = 0.0, 0  # train-step time only (not eval or checkpoints)
                 bar.update(1)
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     test_metrics = evaluate(eval_step, state.params, task.test, config.task.eval_batch_size,
-                                            batch_sharding)
-                    writer.write(step, test_metrics)
-                    if cfg.target_accuracy and test_metrics["test/accuracy"] >= cfg.target_accuracy:
+                                            batch_sharding, task.loss)
+                    writer.write(step, _scalars(test_metrics))
+                    # Early stopping is for classification only (regression has no accuracy).
+                    if (cfg.target_accuracy and task.loss == "cross_entropy"
+                            and test_metrics["test/accuracy"] >= cfg.target_accuracy):
                         stopped = "target_accuracy"
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopped != "steps":
                     save(step)
@@ -208,7 +270,7 @@ def train(config, workdir, hooks=()) -> dict:
         checkpoints.close()
     if not test_metrics:  # resumed at the final step, which was saved but not evaluated yet
         test_metrics = evaluate(eval_step, state.params, task.test, config.task.eval_batch_size,
-                                batch_sharding)
+                                batch_sharding, task.loss)
     result = {"step": step, "stopped": stopped, "num_params": int(num_params),
               "state_size_bytes": int(model.state_size(task.sample_length)),
               "workdir": str(workdir), "checkpoints": str(checkpoints.directory), **test_metrics}
