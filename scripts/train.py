@@ -21,11 +21,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def print_result(result: dict):
     print(f"\nstep {result['step']} (stopped by {result['stopped']}), "
           f"{result['num_params']:,} parameters, state {result['state_size_bytes']:,} bytes")
-    print(f"{'test segment':<24}accuracy")
+    metric = "mse" if "test/mse" in result else "accuracy"  # regression tasks report MSE
+    print(f"{'test segment':<24}{metric}")
     for key, value in result.items():
-        if key.startswith("test/") and key != "test/accuracy":
+        if key.startswith("test/") and key.endswith(f"/{metric}") and key != f"test/{metric}":
             print(f"{key.split('/')[1]:<24}{value:.4f}")
-    print(f"{'all (pooled)':<24}{result['test/accuracy']:.4f}")
+    print(f"{'all (pooled)':<24}{result[f'test/{metric}']:.4f}")
     print(f"run: {result['workdir']}\ncheckpoints: {result['checkpoints']}")
 
 
