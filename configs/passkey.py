@@ -17,7 +17,8 @@ right before the query, a start that random-depth training rarely shows), pooled
 
 Arguments after `:` (comma-separated): `model=` a registered mixer or a preset (default
 attention), `d_model=` (default 64), `T=` the training length (default 128), `n=` the passkey
-length (default 5), `smoke` (a tiny, fast run for tests). Slices are named `T<T>_d<depth>`
+length (default 5), `max_mult=` the longest test length as a multiple of T (default 4: tests at
+T, 2T, 4T; a power of two), `smoke` (a tiny, fast run for tests). Slices are named `T<T>_d<depth>`
 (`T128_drandom` for training).
 """
 
@@ -29,7 +30,8 @@ TEST_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, model="attention", d_model=64, T=128, n=5, smoke=False)
+    arg = parse_arg(arg, model="attention", d_model=64, T=128, n=5, max_mult=4, smoke=False)
+    mults = [2**i for i in range(arg["max_mult"].bit_length()) if 2**i <= arg["max_mult"]]
     seq_len = arg["T"]
 
     config = ml_collections.ConfigDict()
@@ -43,7 +45,7 @@ def get_config(arg=None):
     # (seq_len, depth, num_examples) per slice; depth in [0, 1] or "random" (uniform per example).
     config.task.train_slices = ((seq_len, "random", 20_000),)
     config.task.test_slices = tuple((m * seq_len, depth, 200)
-                                    for m in (1, 2, 4) for depth in TEST_DEPTHS)
+                                    for m in mults for depth in TEST_DEPTHS)
     config.task.batch_size = 64
     config.task.eval_batch_size = 200
 
