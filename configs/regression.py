@@ -9,6 +9,13 @@ keeps up with the drift. `memjax.tasks.regression.optimal_mse` gives the Bayes-o
     python scripts/train.py --config configs/regression.py:model=deltanet,drift=0.1 \
         --workdir runs/regression_drift
 
+Measured on the 2-core CPU (shared), DeltaNet, d_model 64, d = 8, T = 64, noise 0.1, 1500 steps
+(`--config.train.steps=1500`, about 6 min each); MSE over positions 0-15 / 48-63 (the Kalman
+optimum from `optimal_mse` on the same test examples in brackets):
+  trained and tested without drift:       0.518 / 0.030  (0.321 / 0.012)
+  trained and tested with drift=0.1:      0.569 / 0.133  (0.374 / 0.084)
+  trained with drift=0.1, tested without: 0.525 / 0.034  (0.322 / 0.012)
+
 Arguments after `:` (comma-separated): `model=<mixer>`, `d_model=<int>`, `dim=<int>` (d),
 `T=<int>`, `drift=<float>` (0 = stationary), `noise=<float>`, `smoke` (a tiny run for tests).
 The test slices are the trained setting and, when `drift > 0`, the same setting without drift.
