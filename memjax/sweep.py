@@ -79,13 +79,15 @@ def launch(run: dict, workdir: Path, children: _Children | None = None) -> dict 
     its total). Returns None without launching when the sweep is stopping.
     """
     children = children or _Children()
+    if children.stopping.is_set():
+        return None
     workdir.mkdir(parents=True, exist_ok=True)
     info_path = workdir / "sweep_run.json"
     previous = json.loads(info_path.read_text()) if info_path.exists() else {}
     start = time.time()
     with open(workdir / "log.txt", "a") as log:
         with children.lock:
-            if children.stopping.is_set():
+            if children.stopping.is_set():  # stopped while this run was being set up
                 return None
             proc = subprocess.Popen(command(run, workdir), stdout=log, stderr=subprocess.STDOUT)
             children.procs.add(proc)
