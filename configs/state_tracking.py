@@ -1,12 +1,28 @@
 """State tracking (parity, modular addition, S3/S5 word problems, bounded Dyck) with length
 generalisation: train on sequences up to `train_len`, test on longer ones.
 
-Parity with Gated DeltaNet, negative eigenvalues (beta in (0, 2)) against the plain one:
+Parity with Gated DeltaNet, negative eigenvalues (beta in (0, 2)) against the plain one (2 layers,
+d_model 64, trained on length 64 with every position supervised, tested up to 4x longer):
 
-    python scripts/train.py --config configs/state_tracking.py:task=parity,model=gated_deltanet_neg \
-        --workdir runs/parity_neg
-    python scripts/train.py --config configs/state_tracking.py:task=parity,model=gated_deltanet \
-        --workdir runs/parity_pos
+    python scripts/train.py --config configs/state_tracking.py:task=parity,model=gated_deltanet_neg,train_len=64,test_lens=64/128/256,layers=2,d_model=64 \
+        --workdir runs/parity_neg --config.train.steps=1500 --config.train.eval_every=250
+    python scripts/train.py --config configs/state_tracking.py:task=parity,model=gated_deltanet,train_len=64,test_lens=64/128/256,layers=2,d_model=64 \
+        --workdir runs/parity_pos --config.train.steps=1500 --config.train.eval_every=250
+
+Measured (2-core shared CPU, about 8 min each, seed 0, 500 test sequences per slice; `_last` is the
+accuracy of the final position alone):
+
+    model               lr     steps  T64   T64_last  T128   T128_last  T256   T256_last
+    gated_deltanet_neg  3e-3   1500   1.000 1.000     1.000  1.000      0.990  0.926
+    gated_deltanet      3e-3   1500   0.824 0.506     0.661  0.496      0.584  0.508
+    gated_deltanet      1e-2   1500   0.832 0.514     0.667  0.464      0.581  0.488
+    gated_deltanet      1e-3   2500   0.817 0.518     0.659  0.502      0.581  0.522
+
+With negative eigenvalues the model reaches test accuracy 0.997 on T64 by step 250 and stays
+near-perfect up to position ~190 of length-256 sequences (per-position accuracy 1.000 on positions
+0-127, 0.997 on 128-191, 0.966 on 192-255). Without them it fails even in distribution at any of
+the three learning rates: per position, it is right on the first ~16 tokens (1.000 on 0-15, 0.977
+on 16-31), then falls to 0.66 on 32-63 and chance (0.50) beyond.
 
 Arguments after `:` (comma-separated):
   `task=` parity | modular_addition | s3 | s5 | dyck (s3 and s5 are the task `permutation` with
