@@ -10,7 +10,8 @@ Plots:
   colour per mixer, the best learning rate per (mixer, d_model), and the Pareto frontier (the
   most accurate run at or below each state size) drawn as a dashed line.
 - `accuracy_vs_length.png` (when test slices span several lengths `T<n>...`): accuracy against
-  test length, one line per run, slices of the same length averaged (e.g. over needle depths).
+  test length, one line per run, slices of the same length averaged (e.g. over needle depths);
+  final-position slices `T<n>_last` only, when a run has them.
 """
 
 import csv
@@ -170,12 +171,18 @@ def plot_accuracy_vs_state(rows: list[dict], path):
 
 
 def accuracy_by_length(row: dict) -> dict[int, float]:
-    """`{length: mean accuracy over the row's slices named T<length>...}`."""
+    """`{length: mean accuracy over the row's slices named T<length>...}`.
+
+    When the row has final-position slices (`T<length>_last`, the state-tracking tasks), only
+    those count: accuracy averaged over every position of a long sequence mixes in its short,
+    in-distribution prefixes.
+    """
+    names = [n for n in accuracy_slices([row]) if _LENGTH.match(n)]
+    if any(n.endswith("_last") for n in names):
+        names = [n for n in names if n.endswith("_last")]
     by_length: dict[int, list[float]] = {}
-    for name in accuracy_slices([row]):
-        match = _LENGTH.match(name)
-        if match:
-            by_length.setdefault(int(match.group(1)), []).append(row[name])
+    for name in names:
+        by_length.setdefault(int(_LENGTH.match(name).group(1)), []).append(row[name])
     return {n: sum(v) / len(v) for n, v in sorted(by_length.items())}
 
 

@@ -34,12 +34,14 @@ def test_accuracy_by_length_averages_slices_of_one_length():
     row = _row("r", "gla", 64, 1e-3, 10, **{"T128_d0": 1.0, "T128_d1": 0.5, "T512_d0": 0.25})
     assert accuracy_slices([row]) == ["T128_d0", "T128_d1", "T512_d0"]
     assert accuracy_by_length(row) == {128: 0.75, 512: 0.25}
+    tracking = _row("s", "deltanet", 64, 1e-3, 10, T64=0.9, T64_last=0.5, T256=0.7, T256_last=0.25)
+    assert accuracy_by_length(tracking) == {64: 0.5, 256: 0.25}
 
 
 def test_plots_and_table_are_written(tmp_path):
     rows = [_row("a", "gla", 64, 1e-3, 10, T64=0.2, T256=0.1),
             _row("b", "attention", 64, 1e-3, 99, T64=1.0, T256=0.9)]
-    plot_accuracy_vs_state(rows, tmp_path / "state.png")
+    plot_accuracy_vs_state(rows, tmp_path / "state.png")  # two panels: T64 and T256
     assert plot_accuracy_vs_length(rows, tmp_path / "length.png")
     assert (tmp_path / "state.png").stat().st_size > 0 and (tmp_path / "length.png").stat().st_size > 0
     assert not plot_accuracy_vs_length([_row("c", "gla", 64, 1e-3, 10, T64=0.5)], tmp_path / "x.png")
