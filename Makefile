@@ -16,7 +16,7 @@ $(STAMP): setup.py
 
 # The main job: 2-layer model on MQAR (T=64, 4 pairs), then test accuracy per segment.
 run: $(STAMP)
-	$(PY) scripts/train.py --config configs/mqar.py:model=attention --workdir $(RUNDIR)
+	$(PY) scripts/train.py --config configs/mqar.py:model=based --workdir $(RUNDIR)
 
 # Fast suite (< 20 min on 2 CPU cores). Slow checks are marked `slow` and run by test-slow.
 test: $(STAMP)

@@ -52,6 +52,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from memjax.ops.delta_rule import _unit_lower_inverse
 from memjax.ops.linear_attention import (
     _acc_dtype,
     _check_chunk_size,
@@ -67,6 +68,12 @@ IMPLS = ("auto", "reference", "chunk")
 
 # Sub-chunk length of the decay-ratio trick; chunk sizes must be multiples of it.
 SUB_CHUNK = 16
+
+# Chunk form blocking: tokens per step of the outer scan, and the most chunks per step.
+_BLOCK_TOKENS = 256
+_MAX_BLOCK_CHUNKS = 32
+# Tokens per leaf block of the pair hierarchy (see ``_pairs``).
+_LEAF = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,129 +201,390 @@ def _reference_form(q, k, v, g, a, b, initial_state, scale):
 # ---------------------------------------------------------------------------------------------
 
 
-def _decayed_pairs(left, right, e, c):
-    """Strictly lower-triangular per-channel-decayed inner products, for every chunk at once.
+def _to_heads(x, M: int, C: int):
+    """``[B, M*C, H, D]`` -> ``[B, H, M, C, D]``."""
+    B, _, H, D = x.shape
+    return x.reshape(B, M, C, H, D).transpose(0, 3, 1, 2, 4)
 
-    ``P[x, y, ..., i, j] = sum_d left[x, ..., i, d] * right[y, ..., j, d] * exp(e[i, d] - c[j, d])``
-    for j < i, and 0 for j >= i.
 
-    left ``[X, ..., C, K]``, right ``[Y, ..., C, K]``; e, c ``[..., C, K]`` with e_i = c_{i-1}
-    (the exclusive cumulative log decay) and c the inclusive one, both non-increasing in i when
-    g <= 0. Returns ``[X, Y, ..., C, C]``.
+def _from_heads(x):
+    """``[B, H, M, C, D]`` -> ``[B, M*C, H, D]`` (inverse of ``_to_heads``)."""
+    B, H, M, C, D = x.shape
+    return x.transpose(0, 2, 3, 1, 4).reshape(B, M * C, H, D)
 
-    Sub-chunk trick (see the module docstring): with s = SUB_CHUNK and n = C / s sub-chunks,
-    - keys in earlier sub-chunks: reference r_I = e at the first row of query sub-chunk I; the
-      query factor exp(e_i - r_I) and the key factor exp(r_I - c_j) are both <= 1 (e_i <= r_I for
-      i in I; c_j >= c_{start(I) - 1} = r_I for j < start(I)); then one matmul per sub-chunk;
-    - keys in the same sub-chunk: elementwise exp(e_i - c_j), masked to j < i in the exponent.
+
+def _pad_chunk(x, value=0.0):
+    """Pad axis -2 (the tokens of a chunk) to the next power of two (the pair hierarchy halves it)."""
+    C = x.shape[-2]
+    P = 1 << (C - 1).bit_length()
+    if P == C:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[-2] = (0, P - C)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _split(x, n: int):
+    """``[..., C, K]`` -> ``[..., C / n, n, K]``."""
+    return x.reshape(*x.shape[:-2], x.shape[-2] // n, n, x.shape[-1])
+
+
+def _decay_factors(w):
+    """Every decay factor of the chunk form, as products of ``w = exp(g)`` ``[..., C, K]``.
+
+    Returns a dict: ``w``, ``pre4`` / ``suf4`` (the product of w over the tokens of a token's
+    4-block before / after it), for each level h = 4, 8, ..., P / 2 of the pair hierarchy
+    (P = C rounded up to a power of two) ``levels[h] = (pre, suf)`` per 4-block (the product
+    over the earlier / later 4-blocks of the same h-block), and ``exp_e`` (prod_{t < i} w_t =
+    exp(e_i)), ``to_end`` (prod_{t > i} w_t = exp(c_C - c_i)) and ``chunk_decay`` (prod_t w_t =
+    exp(c_C), ``[..., K]``). Only factors <= 1 are multiplied: nothing overflows, and a factor
+    underflows only where its exact value is below the smallest float. (Products are also more
+    accurate than exponentials of differences of cumulative sums.)
     """
-    C, K = c.shape[-2:]
-    s = SUB_CHUNK
-    n = C // s
+    C, K = w.shape[-2:]
+    w = _pad_chunk(w, 1.0)  # padded tokens decay by exactly 1
+    P = w.shape[-2]
+    w4 = _split(w, _LEAF)
+    w0, w1, w2, w3 = (w4[..., i, :] for i in range(_LEAF))
+    one = jnp.ones_like(w0)
+    w01, w23 = w0 * w1, w2 * w3
+    pre4 = jnp.stack([one, w0, w01, w01 * w2], axis=-2).reshape(w.shape)
+    suf4 = jnp.stack([w1 * w23, w23, w3, one], axis=-2).reshape(w.shape)
+    # Doubling over 4-blocks: block[b] is the product over the current block of 4-blocks.
+    lead = w.shape[:-2]
+    n = P // _LEAF
+    block = w01 * w23  # [..., n, K]
+    pre, suf = jnp.ones_like(block), jnp.ones_like(block)
+    levels = {}
+    s = 1
+    while s < n:
+        levels[_LEAF * s] = (pre, suf)
+        pre_s, suf_s = (x.reshape(*lead, n // (2 * s), 2, s, K) for x in (pre, suf))
+        blk = block.reshape(*lead, n // (2 * s), 2, 1, K)
+        first, second = blk[..., 0:1, :, :], blk[..., 1:2, :, :]
+        pre = jnp.concatenate([pre_s[..., :1, :, :], pre_s[..., 1:, :, :] * first], axis=-3)
+        suf = jnp.concatenate([suf_s[..., :1, :, :] * second, suf_s[..., 1:, :, :]], axis=-3)
+        pre, suf = pre.reshape(*lead, n, K), suf.reshape(*lead, n, K)
+        block = (first * second).reshape(*lead, n // (2 * s), K)
+        s *= 2
+    exp_e = (_split(pre4, _LEAF) * pre[..., None, :]).reshape(w.shape)[..., :C, :]
+    to_end = (_split(suf4, _LEAF) * suf[..., None, :]).reshape(w.shape)[..., :C, :]
+    return dict(w=w, pre4=pre4, suf4=suf4, levels=levels, exp_e=exp_e, to_end=to_end,
+                chunk_decay=block.reshape(*lead, K))
 
-    def sub(x):  # [..., C, K] -> [..., n, s, K]
-        return x.reshape(*x.shape[:-2], n, s, K)
 
-    left_s, right_s, e_s, c_s = sub(left), sub(right), sub(e), sub(c)
-
-    # Diagonal s x s sub-blocks, elementwise. Masking the exponent (not the result) keeps the
-    # value and its gradient finite: for j >= i the difference is >= 0 and may overflow.
-    strict = jnp.tril(jnp.ones((s, s), dtype=bool), k=-1)[:, :, None]
-    diff = e_s[..., :, None, :] - c_s[..., None, :, :]  # [..., n, s, s, K]
-    ratio = jnp.exp(jnp.where(strict, diff, -jnp.inf))
-    diag = jnp.einsum("x...nid,y...njd,...nijd->xy...nij", left_s, right_s, ratio)
-    # Place the blocks on the block diagonal of the [C, C] matrix.
-    pairs = jnp.einsum("...nij,nm->...nimj", diag, jnp.eye(n, dtype=diag.dtype))
-    pairs = pairs.reshape(*pairs.shape[:-4], C, C)
-    if n == 1:
-        return pairs
-
-    # Off-diagonal: query sub-chunk I against all keys before it.
-    ref = e_s[..., :, 0, :]  # [..., n, K] = c_{start(I) - 1}
-    left_off = left_s * jnp.exp(e_s - ref[..., :, None, :])  # [X, ..., n, s, K], factors <= 1
-    before = (jnp.arange(C)[None, :] < s * jnp.arange(n)[:, None])[:, :, None]  # [n, C, 1]
-    key_exp = jnp.where(before, ref[..., :, None, :] - c[..., None, :, :], -jnp.inf)
-    right_off = right[..., None, :, :] * jnp.exp(key_exp)  # [Y, ..., n, C, K], factors <= 1
-    off = jnp.einsum("x...nid,y...njd->xy...nij", left_off, right_off)  # [X, Y, ..., n, s, C]
-    return pairs + off.reshape(*off.shape[:-3], C, C)
+def _level_operands(lhs, rhs, f, h: int):
+    """Queries (second halves of the 2h-blocks, scaled by the decay from their h-block start)
+    and keys (first halves, scaled by the decay to their h-block end) of level h."""
+    pre_blk, suf_blk = f["levels"][h]
+    pre = (_split(f["pre4"], _LEAF) * pre_blk[..., None, :]).reshape(f["pre4"].shape)
+    suf = (_split(f["suf4"], _LEAF) * suf_blk[..., None, :]).reshape(f["suf4"].shape)
+    P, K = lhs.shape[-2:]
+    queries = (lhs * pre[..., None, :, :]).reshape(*lhs.shape[:-2], P // (2 * h), 2, h, K)
+    keys = (rhs * suf[..., None, :, :]).reshape(*rhs.shape[:-2], P // (2 * h), 2, h, K)
+    return queries[..., 1, :, :], keys[..., 0, :, :]  # [..., X, n, h, K], [..., Y, n, h, K]
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size",))
-def _chunk_form(q, k, v, g, a, b, initial_state, scale, *, chunk_size: int):
-    """Chunkwise-parallel form. Returns (o in v's dtype, final state).
+# The six strictly lower pairs (i, j) of a 4-block and the decay between them: prod_{j<t<i} w_t.
+_LEAF_PAIRS = ((1, 0), (2, 1), (3, 2), (2, 0), (3, 1), (3, 0))
 
-    One chunk, positions i = 1..C, start state S_0; c_i = sum_{j<=i} g_j (per channel, chunk
-    local), e_i = c_{i-1} (e_1 = 0), Γ_i = exp(c_i). Unrolling the recurrence,
 
-      S_i = diag(Γ_i) S_0 + sum_{j<=i} diag(Γ_i / Γ_j) (a_j u_j^T + k_j v_j^T),  u_j = S_{j-1}^T b_j
+def _leaf_operands(lhs, rhs, f):
+    """Per 4-block, the six pairs as rows: left ``[..., X, n, 6, K]`` (with the decay between
+    i and j folded in) and right ``[..., Y, n, 6, K]``."""
+    L, R, w4 = _split(lhs, _LEAF), _split(rhs, _LEAF), _split(f["w"], _LEAF)
+    w1, w2 = w4[..., None, :, 1, :], w4[..., None, :, 2, :]
+    L1, L2, L3 = L[..., 1, :], L[..., 2, :], L[..., 3, :]
+    left = jnp.stack([L1, L2, L3, L2 * w1, L3 * w2, L3 * (w1 * w2)], axis=-2)
+    right = jnp.stack([R[..., j, :] for _, j in _LEAF_PAIRS], axis=-2)
+    return left, right
 
-    The pseudo-values u (rows of U, [C, V]) satisfy the strictly lower-triangular system
 
-      u_i = S_0^T (b_i ⊙ exp(e_i)) + sum_{j<i} A_ba[i,j] u_j + A_bk[i,j] v_j,
+def _pairs(lhs, rhs, diag, f):
+    """Decayed pair matrix ``A[..., x, y, i, j] = sum_d lhs[x, i, d] rhs[y, j, d] prod_{j<t<i}
+    w_td`` for j < i, ``diag[..., x, y, i]`` for j = i, 0 above: ``[..., X, Y, C, C]``.
 
-    with A_xy[i,j] = sum_d x_id y_jd exp(e_id - c_jd) for j < i (``_decayed_pairs``). So
-    (I - A_ba) U = (b ⊙ exp(e)) S_0 + A_bk V, i.e. U = W S_0 + U_0 with the UT transform
-
-      [W | U_0] = (I - A_ba)^{-1} [b ⊙ exp(e) | A_bk V]          (one triangular solve)
-
-    computed for all chunks in parallel. With exp(c_i - c_j) = w_i exp(e_i - c_j) for j < i,
-
-      O       = scale [ (Q ⊙ Γ) S_0 + (A_{(q⊙w)a} + diag(q·a)) U + (A_{(q⊙w)k} + diag(q·k)) V ]
-      S_C     = P S_0 + H,   P = diag(Γ_C) + Ā^T W,   H = Ā^T U_0 + K̄^T V,
-
-    Ā = A ⊙ exp(c_C - c), K̄ = K ⊙ exp(c_C - c). Only S_0 -> S_C (a [K,K] x [K,V] product) is a
-    sequential scan over chunks. Padded tokens (g = a = b = k = 0) leave the state unchanged, so
-    the final state is exact for any T.
+    lhs ``[..., X, C, K]``, rhs ``[..., Y, C, K]``. The chunk is cut into a binary hierarchy
+    (padded to a power-of-two length P): at level h = P / 2, ..., 4 the second half of every
+    2h-block (the queries) meets its first half (the keys), and the decay between a query i and
+    a key j factors as (decay from the start of i's h-block to i) * (decay from j to the end of
+    j's h-block), both <= 1 (``_level_operands``): one batched matmul per level. Pairs inside a
+    4-block are six explicit dot products (``_leaf_operands``).
     """
+    C = lhs.shape[-2]
+    lhs, rhs = _pad_chunk(lhs), _pad_chunk(rhs)
+    X, P, K = lhs.shape[-3:]
+    Y = rhs.shape[-3]
+    lead = lhs.shape[:-3]
+    left, right = _leaf_operands(lhs, rhs, f)
+    prod = jax.lax.optimization_barrier(left[..., :, None, :, :, :] * right[..., None, :, :, :, :])
+    leaf = jnp.sum(prod, axis=-1)  # [..., X, Y, n, 6]; an explicit product beats a tiny matmul
+    d = _pad_chunk(diag[..., None])[..., 0].reshape(*diag.shape[:-1], P // _LEAF, _LEAF)
+    zero = jnp.zeros_like(leaf[..., 0])
+    entry = {(i, i): d[..., i] for i in range(_LEAF)}
+    entry.update({ij: leaf[..., p] for p, ij in enumerate(_LEAF_PAIRS)})
+    rows = [jnp.stack([entry.get((i, j), zero) for j in range(_LEAF)], axis=-1)
+            for i in range(_LEAF)]
+    blocks = jnp.stack(rows, axis=-2)  # [..., X, Y, P / 4, 4, 4]
+    h = _LEAF
+    while h < P:
+        queries, keys = _level_operands(lhs, rhs, f, h)
+        off = jnp.einsum("...xnid,...ynjd->...xynij", queries, keys)  # [..., X, Y, n, h, h]
+        b = blocks.reshape(*lead, X, Y, P // (2 * h), 2, h, h)
+        top = jnp.concatenate([b[..., 0, :, :], jnp.zeros_like(off)], axis=-1)
+        bottom = jnp.concatenate([off, b[..., 1, :, :]], axis=-1)
+        blocks = jnp.concatenate([top, bottom], axis=-2)
+        h *= 2
+    return blocks[..., 0, :C, :C]
+
+
+def _pairs_bwd(d_a, lhs, rhs, f):
+    """Cotangents (d lhs, d rhs, d diag) of ``_pairs`` for a lower-triangular ``d_a``."""
+    C = lhs.shape[-2]
+    lhs, rhs = _pad_chunk(lhs), _pad_chunk(rhs)
+    X, P, K = lhs.shape[-3:]
+    Y = rhs.shape[-3]
+    lead = lhs.shape[:-3]
+    pad = P - C
+    blocks = jnp.pad(d_a, [(0, 0)] * (d_a.ndim - 2) + [(0, pad), (0, pad)])[..., None, :, :]
+    d_lhs_parts, d_rhs_parts = [], []
+    h = P // 2
+    while h >= _LEAF:
+        b = blocks.reshape(*lead, X, Y, P // (2 * h), 2, h, 2, h)
+        d_off = b[..., 1, :, 0, :]
+        queries, keys = _level_operands(lhs, rhs, f, h)
+        d_q = jnp.einsum("...xynij,...ynjd->...xnid", d_off, keys)
+        d_k = jnp.einsum("...xynij,...xnid->...ynjd", d_off, queries)
+        d_lhs_parts.append((h, d_q))
+        d_rhs_parts.append((h, d_k))
+        blocks = jnp.stack([b[..., 0, :, 0, :], b[..., 1, :, 1, :]], axis=-3)
+        blocks = blocks.reshape(*lead, X, Y, P // h, h, h)
+        h //= 2
+    # blocks: [..., X, Y, P / 4, 4, 4] (the 4-blocks on the diagonal)
+    d_leaf = jnp.stack([blocks[..., i, j] for i, j in _LEAF_PAIRS], axis=-1)  # [.., X, Y, n, 6]
+    d_diag = jnp.stack([blocks[..., i, i] for i in range(_LEAF)], axis=-1)
+    d_diag = d_diag.reshape(*d_diag.shape[:-2], P)[..., :C]
+    left, right = _leaf_operands(lhs, rhs, f)
+    d_left = jnp.sum(jax.lax.optimization_barrier(d_leaf[..., None] * right[..., None, :, :, :, :]), axis=-4)
+    d_right = jnp.sum(jax.lax.optimization_barrier(d_leaf[..., None] * left[..., :, None, :, :, :]), axis=-5)
+    w4 = _split(f["w"], _LEAF)
+    w1, w2 = w4[..., None, :, 1, :], w4[..., None, :, 2, :]
+    dl = [d_left[..., p, :] for p in range(6)]
+    dr = [d_right[..., p, :] for p in range(6)]
+    d_lhs = jnp.stack([jnp.zeros_like(dl[0]), dl[0], dl[1] + dl[3] * w1,
+                       dl[2] + dl[4] * w2 + dl[5] * (w1 * w2)], axis=-2).reshape(lhs.shape)
+    d_rhs = jnp.stack([dr[0] + dr[3] + dr[5], dr[1] + dr[4], dr[2], jnp.zeros_like(dr[0])],
+                      axis=-2).reshape(rhs.shape)
+    for (h, d_q), (_, d_k) in zip(d_lhs_parts, d_rhs_parts):
+        pre_blk, suf_blk = f["levels"][h]
+        pre = (_split(f["pre4"], _LEAF) * pre_blk[..., None, :]).reshape(f["pre4"].shape)
+        suf = (_split(f["suf4"], _LEAF) * suf_blk[..., None, :]).reshape(f["suf4"].shape)
+        zq, zk = jnp.zeros_like(d_q), jnp.zeros_like(d_k)
+        d_lhs = d_lhs + jnp.stack([zq, d_q], axis=-3).reshape(lhs.shape) * pre[..., None, :, :]
+        d_rhs = d_rhs + jnp.stack([d_k, zk], axis=-3).reshape(rhs.shape) * suf[..., None, :, :]
+    return d_lhs[..., :C, :], d_rhs[..., :C, :], d_diag
+
+
+def _block_operands(xs, C: int, acc):
+    """Per-chunk operands of one block (shared by the forward and the backward pass).
+
+    xs = (q, k, v, g, a, b) time-major slices ``[B, M*C, H, D]``; everything returned is laid
+    out ``[B, H, M, C, D]``. The transposed inputs are materialised once (optimization barrier):
+    fused into each consumer, the strided reads of the scan input ran several times slower.
+    """
+    q, k, v, g, a, b = (x.astype(acc) for x in xs)
+    M = q.shape[1] // C
+    q, k, v, g, a, b = (_to_heads(x, M, C) for x in (q, k, v, g, a, b))
+    f = _decay_factors(jnp.exp(g))
+    w = f["w"][..., :C, :]
+    ops = dict(M=M, C=C, q=q, k=k, v=v, a=a, b=b, w=w, f=f)
+    ops["qw"] = q * w
+    ops["gamma"] = f["exp_e"] * w  # exp(c_i)
+    ops["lhs"] = jnp.stack([b, ops["qw"]], axis=-3)
+    ops["rhs"] = jnp.stack([a, k], axis=-3)
+    return ops
+
+
+def _row_dots(x, y):
+    """sum(x * y, axis=-1), materialising the product first: written plainly the compiler made
+    it a matrix-vector product that ran several times slower."""
+    return jnp.sum(jax.lax.optimization_barrier(x * y), axis=-1)
+
+
+def _block_core(ops, state, scale):
+    """Everything the forward pass computes for one block; returns a dict."""
+    q, k, v, a, b = ops["q"], ops["k"], ops["v"], ops["a"], ops["b"]
+    C, M = ops["C"], ops["M"]
+    K = q.shape[-1]
+    rhs = ops["rhs"]
+    diag = jnp.stack([jnp.zeros_like(rhs[..., 0]), _row_dots(q[..., None, :, :], rhs)], axis=-3)  # [B, H, M, X, Y, C]: q_i . a_i and q_i . k_i for the q rows
+    pairs = _pairs(ops["lhs"], rhs, diag, ops["f"])  # [B, H, M, 2, 2, C, C]
+    a_ba, a_bk = pairs[..., 0, 0, :, :], pairs[..., 0, 1, :, :]
+    a_qa, a_qk = pairs[..., 1, 0, :, :], pairs[..., 1, 1, :, :]
+    t_inv = _unit_lower_inverse(-a_ba)  # (I - A_ba)^-1
+    b_e = b * ops["f"]["exp_e"]
+    x = t_inv @ jnp.concatenate([b_e, a_bk @ v], axis=-1)
+    w_mat, u0 = x[..., :K], x[..., K:]
+    a_end, k_end = a * ops["f"]["to_end"], k * ops["f"]["to_end"]
+    h_kv = jnp.einsum("bhmck,bhmcv->bhmkv", k_end, v)
+    a_end_t = jnp.swapaxes(a_end, -1, -2)
+    starts, us = [], []
+    for m in range(M):
+        starts.append(state)
+        u = jnp.einsum("bhck,bhkv->bhcv", w_mat[:, :, m], state) + u0[:, :, m]
+        us.append(u)
+        state = (
+            ops["f"]["chunk_decay"][:, :, m, :, None] * state
+            + jnp.einsum("bhkc,bhcv->bhkv", a_end_t[:, :, m], u)
+            + h_kv[:, :, m]
+        )
+    starts = jnp.stack(starts, axis=2)
+    u = jnp.stack(us, axis=2)
+    qg = q * ops["gamma"]
+    o = scale * (jnp.einsum("bhmck,bhmkv->bhmcv", qg, starts) + a_qa @ u + a_qk @ v)
+    return dict(state=state, o=o, starts=starts, u=u, a_bk=a_bk, a_qa=a_qa, a_qk=a_qk,
+                t_inv=t_inv, x=x, w_mat=w_mat, b_e=b_e, a_end=a_end, k_end=k_end, qg=qg)
+
+
+def _chunk_block(state, xs, *, chunk_size: int, scale: float, acc):
+    ops = _block_operands(xs, chunk_size, acc)
+    r = _block_core(ops, state, scale)
+    return r["state"], _from_heads(r["o"])
+
+
+def _chunk_block_bwd(state, xs, d_o, d_state, *, chunk_size: int, scale: float, acc):
+    ops = _block_operands(xs, chunk_size, acc)
+    r = _block_core(ops, state, scale)
+    q, k, v, a, b, w = ops["q"], ops["k"], ops["v"], ops["a"], ops["b"], ops["w"]
+    f = ops["f"]
+    C, M = ops["C"], ops["M"]
+    K = q.shape[-1]
+    p = scale * _to_heads(d_o.astype(acc), M, C)
+    swap = lambda x: jnp.swapaxes(x, -1, -2)  # noqa: E731
+    du_local = swap(r["a_qa"]) @ p
+    f_out = jnp.einsum("bhmck,bhmcv->bhmkv", r["qg"], p)
+    g_state = d_state.astype(acc)
+    after, dus = [], []
+    for m in reversed(range(M)):
+        after.append(g_state)
+        du = du_local[:, :, m] + jnp.einsum("bhck,bhkv->bhcv", r["a_end"][:, :, m], g_state)
+        dus.append(du)
+        g_state = (
+            f["chunk_decay"][:, :, m, :, None] * g_state
+            + f_out[:, :, m]
+            + jnp.einsum("bhck,bhcv->bhkv", r["w_mat"][:, :, m], du)
+        )
+    after = jnp.stack(after[::-1], axis=2)  # cotangent of the state after each chunk
+    du = jnp.stack(dus[::-1], axis=2)
+    starts, u = r["starts"], r["u"]
+    d_w = jnp.einsum("bhmcv,bhmkv->bhmck", du, starts)
+    d_qg = jnp.einsum("bhmcv,bhmkv->bhmck", p, starts)
+    d_a_end = jnp.einsum("bhmcv,bhmkv->bhmck", u, after)
+    d_k_end = jnp.einsum("bhmcv,bhmkv->bhmck", v, after)
+    d_v = swap(r["a_qk"]) @ p + jnp.einsum("bhmck,bhmkv->bhmcv", r["k_end"], after)
+    d_decay = jnp.sum(starts * after, axis=-1)  # [B, H, M, K]
+    incl = jnp.tril(jnp.ones((C, C), dtype=bool))
+    strict = jnp.tril(jnp.ones((C, C), dtype=bool), -1)
+    d_a_qa = jnp.where(incl, p @ swap(u), 0.0)
+    d_a_qk = jnp.where(incl, p @ swap(v), 0.0)
+    d_r = swap(r["t_inv"]) @ jnp.concatenate([d_w, du], axis=-1)
+    d_b_e, d_ru = d_r[..., :K], d_r[..., K:]
+    d_a_ba = jnp.where(strict, d_r @ swap(r["x"]), 0.0)
+    d_a_bk = jnp.where(strict, d_ru @ swap(v), 0.0)
+    d_v = d_v + swap(r["a_bk"]) @ d_ru
+    d_pairs = jnp.stack([jnp.stack([d_a_ba, d_a_bk], axis=-3),
+                         jnp.stack([d_a_qa, d_a_qk], axis=-3)], axis=-4)
+    d_lhs, d_rhs, d_diag = jax.lax.optimization_barrier(
+        _pairs_bwd(d_pairs, ops["lhs"], ops["rhs"], f))
+    d_diag = d_diag[..., 1, :, :, None]  # [B, H, M, Y, C, 1]: only the q rows have a diagonal
+    d_qw = d_lhs[..., 1, :, :]
+    d_q = (w * d_qw + ops["gamma"] * d_qg
+           + jnp.sum(d_diag * ops["rhs"], axis=-3))
+    d_b = d_lhs[..., 0, :, :] + f["exp_e"] * d_b_e
+    d_a = d_rhs[..., 0, :, :] + f["to_end"] * d_a_end + d_diag[..., 0, :, :] * q
+    d_k = d_rhs[..., 1, :, :] + f["to_end"] * d_k_end + d_diag[..., 1, :, :] * q
+    # Decay: gradients w.r.t. the exclusive (e) and inclusive (c) cumulative log decays.
+    qw = ops["qw"]
+    d_e = b * d_lhs[..., 0, :, :] + qw * d_qw + r["b_e"] * d_b_e
+    end_terms = r["a_end"] * d_a_end + r["k_end"] * d_k_end
+    d_c = -(a * d_rhs[..., 0, :, :] + k * d_rhs[..., 1, :, :]) + r["qg"] * d_qg - end_terms
+    d_c_last = jnp.sum(end_terms, axis=-2) + f["chunk_decay"] * d_decay
+    d_c = d_c.at[..., -1, :].add(d_c_last)
+    tot = d_c + d_e
+    # Sum over t >= i, as a batched matmul (a shared [C, C] operand made XLA transpose tot).
+    upper = jnp.broadcast_to(jnp.triu(jnp.ones((C, C), acc)), tot.shape[:-2] + (C, C))
+    rev = upper @ tot
+    d_g = rev - d_e + qw * d_qw
+    d_xs = tuple(_from_heads(x) for x in (d_q, d_k, d_v, d_g, d_a, d_b))
+    return g_state, d_xs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _scan_blocks(chunk_size, scale, state, xs):
+    """``lax.scan`` of ``_chunk_block`` over blocks (xs ``[num_blocks, B, L, H, D]``)."""
+    block = functools.partial(_chunk_block, chunk_size=chunk_size, scale=scale, acc=state.dtype)
+    final, o = jax.lax.scan(block, state, xs)
+    return o, final
+
+
+def _scan_blocks_fwd(chunk_size, scale, state, xs):
+    block = functools.partial(_chunk_block, chunk_size=chunk_size, scale=scale, acc=state.dtype)
+
+    def body(s, x):
+        s_next, o = block(s, x)
+        return s_next, (o, s)
+
+    final, (o, starts) = jax.lax.scan(body, state, xs)
+    return (o, final), (starts, xs)
+
+
+def _scan_blocks_bwd(chunk_size, scale, residuals, cotangents):
+    starts, xs = residuals
+    d_o, d_final = cotangents
+    acc = starts.dtype
+    bwd = functools.partial(_chunk_block_bwd, chunk_size=chunk_size, scale=scale, acc=acc)
+
+    def body(d_state, x):
+        start, block_xs, block_d_o = x
+        d_state, d_xs = bwd(start, block_xs, block_d_o, d_state)
+        d_xs = tuple(d.astype(x.dtype) for d, x in zip(d_xs, block_xs))
+        return d_state, d_xs
+
+    d_state, d_xs = jax.lax.scan(body, d_final.astype(acc), (starts, xs, d_o), reverse=True)
+    return d_state, d_xs
+
+
+_scan_blocks.defvjp(_scan_blocks_fwd, _scan_blocks_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "static_scale", "block_chunks"))
+def _chunk_form(q, k, v, g, a, b, initial_state, scale, *, chunk_size: int, static_scale=None,
+                block_chunks=None):
+    """Chunkwise-parallel form. Returns (o in v's dtype, final state)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size
     out_dtype = v.dtype
-    q, k, v, g, a, b, state = _prepare(q, k, v, g, a, b, initial_state)
-    N = -(-T // C)  # ceil(T / C)
+    acc = _acc_dtype(q, k, v, g, a, b)
+    if g is None:
+        g = jnp.zeros(q.shape, acc)
+    state = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state.astype(acc)
+    N = -(-T // C)
+    M = max(1, min(N, block_chunks or max(1, _BLOCK_TOKENS // C), _MAX_BLOCK_CHUNKS))
+    num_blocks = -(-N // M)
+    M = -(-N // num_blocks)
+    L = M * C
 
-    def chunked(x):  # [B, T, H, D] -> [B, N, H, C, D]
-        x = _pad_time(x, N * C)
-        return jnp.swapaxes(x.reshape(B, N, C, H, x.shape[-1]), 2, 3)
+    def blocked(x):  # [B, T, H, D] -> [num_blocks, B, L, H, D]; free for B = 1
+        x = _pad_time(x, num_blocks * L)
+        return jnp.moveaxis(x.reshape(B, num_blocks, L, *x.shape[2:]), 1, 0)
 
-    qc, kc, vc, gc, ac, bc = (chunked(x) for x in (q, k, v, g, a, b))
-
-    c = jnp.cumsum(gc, axis=-2)  # inclusive chunk-local cumulative log decay, [B, N, H, C, K]
-    e = jnp.concatenate([jnp.zeros_like(c[..., :1, :]), c[..., :-1, :]], axis=-2)  # exclusive
-    c_last = c[..., -1:, :]  # [B, N, H, 1, K]: log decay across the whole chunk
-
-    pairs = _decayed_pairs(jnp.stack([bc, qc * jnp.exp(gc)]), jnp.stack([ac, kc]), e, c)
-    (a_ba, a_bk), (a_qa, a_qk) = pairs
-    eye = jnp.eye(C, dtype=c.dtype)
-    a_qa = a_qa + eye * jnp.sum(qc * ac, axis=-1)[..., None, :]  # j = i terms (decay ratio 1)
-    a_qk = a_qk + eye * jnp.sum(qc * kc, axis=-1)[..., None, :]
-
-    # UT transform: [W | U_0] = (I - A_ba)^{-1} [b ⊙ exp(e) | A_bk V].
-    rhs = jnp.concatenate([bc * jnp.exp(e), a_bk @ vc], axis=-1)
-    sol = jax.lax.linalg.triangular_solve(
-        eye - a_ba, rhs, left_side=True, lower=True, unit_diagonal=True
-    )
-    w_mat, u0 = sol[..., :K], sol[..., K:]  # [B, N, H, C, K], [B, N, H, C, V]
-
-    # Chunk transition S_C = P S_0 + H; the factors exp(c_C - c_j) are <= 1.
-    to_end = jnp.exp(c_last - c)
-    a_end, k_end = ac * to_end, kc * to_end
-    decay_diag = jnp.exp(c_last)[..., 0, :, None] * jnp.eye(K, dtype=c.dtype)  # diag(Γ_C)
-    trans = decay_diag + jnp.swapaxes(a_end, -1, -2) @ w_mat  # [B, N, H, K, K]
-    update = jnp.swapaxes(a_end, -1, -2) @ u0 + jnp.swapaxes(k_end, -1, -2) @ vc  # [B,N,H,K,V]
-
-    def body(s, xs):
-        p, h = xs
-        return p @ s + h, s  # emit the chunk-start state
-
-    state, chunk_start = jax.lax.scan(
-        body, state, (jnp.moveaxis(trans, 1, 0), jnp.moveaxis(update, 1, 0))
-    )
-    chunk_start = jnp.moveaxis(chunk_start, 0, 1)  # [B, N, H, K, V]
-
-    u = w_mat @ chunk_start + u0  # pseudo-values u_i = S_{i-1}^T b_i, [B, N, H, C, V]
-    o = (qc * jnp.exp(c)) @ chunk_start + a_qa @ u + a_qk @ vc  # [B, N, H, C, V]
-    o = scale * jnp.swapaxes(o, 2, 3).reshape(B, N * C, H, V)[:, :T]
+    xs = tuple(blocked(x) for x in (q, k, v, g, a, b))
+    inner = 1.0 if static_scale is None else static_scale
+    o, state = _scan_blocks(C, inner, state, xs)
+    o = jnp.moveaxis(o, 0, 1).reshape(B, num_blocks * L, H, V)[:, :T]
+    if static_scale is None:
+        o = scale * o
     return o.astype(out_dtype), state
 
 
@@ -363,4 +631,5 @@ def generalized_delta_rule(
     # "chunk" and "auto". A chunk longer than the sequence would only add padding work.
     T = q.shape[1]
     short = max(SUB_CHUNK, -(-T // SUB_CHUNK) * SUB_CHUNK)
-    return _chunk_form(*args, chunk_size=min(chunk_size, short))
+    static = float(scale) if isinstance(scale, (int, float)) else None
+    return _chunk_form(*args, chunk_size=min(chunk_size, short), static_scale=static)
