@@ -21,28 +21,31 @@ output ``o`` has v's dtype; the state has the accumulation dtype.
 Forms (``impl``):
 
 - ``"reference"``: token-by-token ``lax.scan``; the source of truth.
-- ``"chunk"``: chunkwise-parallel form (a per-channel-decay UT transform; equations in
-  ``_chunk_form``). Everything inside a chunk is batched over all chunks; only the state passed
-  from chunk to chunk is a ``lax.scan`` over T / C steps. ``chunk_size`` must be a multiple of 16.
+- ``"chunk"``: chunkwise-parallel form (a per-channel-decay WY / UT transform; equations in
+  ``_chunk_form``). ``chunk_size`` must be a multiple of 16.
 - ``"auto"``: the chunk form (no kernel has won a benchmark yet).
 
-Gradients come from JAX autodiff of these forms.
+Gradients: JAX autodiff for the reference form; a hand-written backward pass for the chunk form
+(``_chunk_block_bwd``), checked against autodiff of the reference form in the tests.
 
-Decay ratios in the chunk form (the numerically delicate part). The intra-chunk matrices need
-``exp(c_i - c_j)`` per channel, c the chunk-local cumulative log decay. Writing that as
-``exp(c_i) * exp(-c_j)`` overflows under strong decay (|c| reaches C * 30 with g ~ -30), so it is
-never formed that way. We use the sub-chunk trick (GLA): the chunk is cut into sub-chunks of 16;
-for a query sub-chunk I and the keys of all earlier sub-chunks, a reference point r_I (the
-cumulative decay just before I) splits the ratio into ``exp(c_i - r_I) * exp(r_I - c_j)``, both
-factors <= 1, so that block is a plain matmul; the 16 x 16 diagonal sub-blocks are computed
-elementwise as ``exp(where(j < i, c_i - c_j, -inf))`` (masked in the exponent, so neither the
-value nor its gradient sees an overflow). We chose this over an explicit ``[C, C, K]`` tensor of
-ratios because it bounds the per-chunk decay tensors at ``16 * C * K`` (diagonal blocks) plus
-``(C / 16) * C * K`` (keys rescaled once per query sub-chunk): 20 C K against 64 C K at C = 64
-(about 3x less; 5x at C = 128), and it keeps the off-diagonal work in matmuls. On a CPU the
-elementwise diagonal blocks still dominate the chunk form's cost. Every exponent that is
-evaluated is <= 0 whenever g <= 0; positive g is outside the contract (not checked, the values may
-be traced) and may overflow.
+Memory of the chunk form: an outer ``lax.scan`` over blocks of ``_BLOCK_TOKENS`` tokens carries
+the state; everything inside a block is batched over its chunks and heads and stays in cache.
+The forward pass keeps only each block's start state for the backward pass, which recomputes a
+block's intermediates when it gets there. Temporary memory is therefore O(T / L * K * V) for the
+saved states plus one block's working set, linear in T (no per-chunk K x K or C x C array of the
+whole sequence is ever stored).
+
+Decay factors in the chunk form (the numerically delicate part). The intra-chunk matrices need
+per-channel decays between two tokens, ``prod_{j < t < i} w_t = exp(c_{i-1} - c_j)`` with c the
+chunk-local cumulative log decay. Writing that as ``exp(c_{i-1}) * exp(-c_j)`` overflows under
+strong decay (|c| reaches C * 30 with g ~ -30), so it is never formed that way. Every factor is
+a product of ``w = exp(g) <= 1`` over a run of tokens (``_decay_factors``): nothing overflows, a
+factor underflows only where its exact value is below the smallest float, and no exponential
+other than ``exp(g)`` itself is evaluated. The pair matrices use a binary hierarchy (``_pairs``):
+at each level the queries of a block's second half and the keys of its first half meet through
+``(decay from the half's start to i) * (decay from j to the half's end)``, both <= 1, so each
+level is one batched matmul; only the pairs inside a 4-token leaf are explicit dot products.
+Positive g is outside the contract (not checked, the values may be traced) and may overflow.
 """
 
 from __future__ import annotations
@@ -69,8 +72,10 @@ IMPLS = ("auto", "reference", "chunk")
 # Sub-chunk length of the decay-ratio trick; chunk sizes must be multiples of it.
 SUB_CHUNK = 16
 
-# Chunk form blocking: tokens per step of the outer scan, and the most chunks per step.
-_BLOCK_TOKENS = 256
+# Chunk form blocking: tokens per step of the outer scan (at least one chunk), and the most
+# chunks per step. Measured on a 2-core CPU (B=1, H=8, K=V=128, C=64): one chunk per step was the
+# fastest forward and forward + backward; its operands stay in cache.
+_BLOCK_TOKENS = 64
 _MAX_BLOCK_CHUNKS = 32
 # Tokens per leaf block of the pair hierarchy (see ``_pairs``).
 _LEAF = 4
@@ -560,7 +565,33 @@ _scan_blocks.defvjp(_scan_blocks_fwd, _scan_blocks_bwd)
 @functools.partial(jax.jit, static_argnames=("chunk_size", "static_scale", "block_chunks"))
 def _chunk_form(q, k, v, g, a, b, initial_state, scale, *, chunk_size: int, static_scale=None,
                 block_chunks=None):
-    """Chunkwise-parallel form. Returns (o in v's dtype, final state)."""
+    """Chunkwise-parallel form. Returns (o in v's dtype, final state).
+
+    One chunk, positions i = 1..C, start state S_0; per channel w_i = exp(g_i), c_i = sum_{t<=i}
+    g_t (chunk local), e_i = c_{i-1}. Unrolling the recurrence,
+
+      S_i = diag(exp(c_i)) S_0 + sum_{j<=i} diag(exp(c_i - c_j)) (a_j u_j^T + k_j v_j^T),
+
+    with pseudo-values u_j = S_{j-1}^T b_j. With the strictly lower pair matrices
+    A_xy[i, j] = sum_d x_id y_jd exp(e_id - c_jd) (j < i; ``_pairs``), the u satisfy
+    (I - A_ba) U = (b ⊙ exp(e)) S_0 + A_bk V, so with the UT transform (one triangular inverse)
+
+      [W | U_0] = (I - A_ba)^-1 [b ⊙ exp(e) | A_bk V]:
+      U       = W S_0 + U_0                                              (sequential)
+      S_C     = diag(exp(c_C)) S_0 + Ā^T U + K̄^T V                        (sequential)
+      O       = scale [ (q ⊙ exp(c)) S_0 + A_qa U + A_qk V ]
+
+    where Ā = a ⊙ exp(c_C - c), K̄ = k ⊙ exp(c_C - c), and A_qa, A_qk have q ⊙ w on the left plus
+    the diagonal q_i . a_i, q_i . k_i (exp(c_i - c_j) = w_i exp(e_i - c_j)). Only U and S_C
+    depend on S_0 (the per-block recurrence in ``_block_core``). Padded tokens (g = a = b = k = 0)
+    leave the state unchanged, so the final state is exact for any T.
+
+    Layout: an outer scan over blocks of M chunks (``block_chunks``, default
+    ``_BLOCK_TOKENS / C``) with a custom VJP (``_scan_blocks``): the forward pass saves each
+    block's start state, the backward pass (``_chunk_block_bwd``) recomputes the block from it.
+    ``static_scale`` (a Python float) is applied inside the blocks; a traced scale is applied to
+    the output afterwards.
+    """
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size

@@ -358,3 +358,55 @@ def test_step_bad_inputs_raise():
         generalized_delta_rule_step(q, q, v, z((B, H)), q, q, state)
     with pytest.raises(ValueError, match=r"b must have shape \[B, H, K\]"):
         generalized_delta_rule_step(q, q, v, q, q, z((B, H, K + 1)), state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunk form internals: several blocks of the outer scan, non-power-of-two chunks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "chunk_size, block_chunks, gate",
+    [
+        # Five chunks of 16 in blocks of 2 (the last block padded): the hand-written backward
+        # pass chains d(state) across blocks.
+        pytest.param(16, 2, "mixed", id="C16-blocks2-mixed"),
+        # C = 48 is not a power of two: the pair hierarchy pads each chunk to 64.
+        pytest.param(48, 1, "strong", id="C48-blocks1-strong"),
+    ],
+)
+def test_chunk_form_blocks_match_reference_f64(x64, chunk_size, block_chunks, gate):
+    from memjax.ops.generalized_delta_rule import _chunk_form
+
+    T = 70
+    xs = to_jax(make_inputs(10, T, gate, init=True, lr_max=2.0), jnp.float64)
+    rng = np.random.default_rng(11)
+    do = jnp.asarray(rng.normal(size=(B, T, H, V)))
+    ds = jnp.asarray(rng.normal(size=(B, H, K, V)))
+    scale = K**-0.5
+
+    def chunk_loss(*x):
+        o, s = _chunk_form(*x, scale, chunk_size=chunk_size, static_scale=scale,
+                           block_chunks=block_chunks)
+        return jnp.sum(o * do) + jnp.sum(s * ds), (o, s)
+
+    (_, (o, s)), grads = jax.jit(jax.value_and_grad(chunk_loss, argnums=tuple(range(7)),
+                                                    has_aux=True))(*xs)
+    o_ref, s_ref = run(xs, impl="reference")
+    np.testing.assert_allclose(o, o_ref, **F64_TOL)
+    np.testing.assert_allclose(s, s_ref, **F64_TOL)
+    ref_grads = jax.jit(jax.grad(_loss("reference", 16, do, ds), argnums=tuple(range(7))))(*xs)
+    for name, d_ref, d_chunk in zip(GRAD_NAMES, ref_grads, grads):
+        assert np.isfinite(d_chunk).all(), f"non-finite d{name}"
+        np.testing.assert_allclose(d_chunk, d_ref, **F64_GRAD_TOL, err_msg=f"d{name}")
+
+
+def test_chunk_gradients_finite_for_very_strong_gates():
+    """float32, g down to -1000: every decay factor underflows to 0 and nothing is NaN / inf."""
+    T = 40
+    xs = list(to_jax(make_inputs(12, T, "strong", init=True), jnp.float32))
+    xs[3] = xs[3] * 30.0  # g ~ -900
+    loss = _loss("chunk", 16, jnp.ones((B, T, H, V)), jnp.ones((B, H, K, V)))
+    grads = jax.jit(jax.grad(loss, argnums=tuple(range(7))))(*xs)
+    for name, d in zip(GRAD_NAMES, grads):
+        assert np.isfinite(np.asarray(d)).all(), f"non-finite d{name}"
