@@ -75,7 +75,7 @@ SUB_CHUNK = 16
 # Chunk form blocking: tokens per step of the outer scan (at least one chunk), and the most
 # chunks per step. Measured on a 2-core CPU (B=1, H=8, K=V=128, C=64): one chunk per step was the
 # fastest forward and forward + backward; its operands stay in cache.
-_BLOCK_TOKENS = 64
+_BLOCK_TOKENS = 32
 _MAX_BLOCK_CHUNKS = 32
 # Tokens per leaf block of the pair hierarchy (see ``_pairs``).
 _LEAF = 4
@@ -428,15 +428,15 @@ def _block_core(ops, state, scale):
     a_qa, a_qk = pairs[..., 1, 0, :, :], pairs[..., 1, 1, :, :]
     t_inv = _unit_lower_inverse(-a_ba)  # (I - A_ba)^-1
     b_e = b * ops["f"]["exp_e"]
-    x = t_inv @ jnp.concatenate([b_e, a_bk @ v], axis=-1)
-    w_mat, u0 = x[..., :K], x[..., K:]
+    z = a_bk @ v
     a_end, k_end = a * ops["f"]["to_end"], k * ops["f"]["to_end"]
     h_kv = jnp.einsum("bhmck,bhmcv->bhmkv", k_end, v)
     a_end_t = jnp.swapaxes(a_end, -1, -2)
     starts, us = [], []
-    for m in range(M):
+    for m in range(M):  # the only part that depends on the state
         starts.append(state)
-        u = jnp.einsum("bhck,bhkv->bhcv", w_mat[:, :, m], state) + u0[:, :, m]
+        y = jnp.einsum("bhck,bhkv->bhcv", b_e[:, :, m], state)
+        u = t_inv[:, :, m] @ (y + z[:, :, m])  # pseudo-values u_i = S_{i-1}^T b_i
         us.append(u)
         state = (
             ops["f"]["chunk_decay"][:, :, m, :, None] * state
@@ -448,7 +448,7 @@ def _block_core(ops, state, scale):
     qg = q * ops["gamma"]
     o = scale * (jnp.einsum("bhmck,bhmkv->bhmcv", qg, starts) + a_qa @ u + a_qk @ v)
     return dict(state=state, o=o, starts=starts, u=u, a_bk=a_bk, a_qa=a_qa, a_qk=a_qk,
-                t_inv=t_inv, x=x, w_mat=w_mat, b_e=b_e, a_end=a_end, k_end=k_end, qg=qg)
+                t_inv=t_inv, b_e=b_e, a_end=a_end, k_end=k_end, qg=qg)
 
 
 def _chunk_block(state, xs, *, chunk_size: int, scale: float, acc):
@@ -469,34 +469,33 @@ def _chunk_block_bwd(state, xs, d_o, d_state, *, chunk_size: int, scale: float, 
     du_local = swap(r["a_qa"]) @ p
     f_out = jnp.einsum("bhmck,bhmcv->bhmkv", r["qg"], p)
     g_state = d_state.astype(acc)
-    after, dus = [], []
+    afters, d_xs_ = [], []
     for m in reversed(range(M)):
-        after.append(g_state)
+        afters.append(g_state)  # cotangent of the state after chunk m
         du = du_local[:, :, m] + jnp.einsum("bhck,bhkv->bhcv", r["a_end"][:, :, m], g_state)
-        dus.append(du)
+        d_x = swap(r["t_inv"][:, :, m]) @ du  # cotangent of y + z (u = T (y + z))
+        d_xs_.append(d_x)
         g_state = (
             f["chunk_decay"][:, :, m, :, None] * g_state
             + f_out[:, :, m]
-            + jnp.einsum("bhck,bhcv->bhkv", r["w_mat"][:, :, m], du)
+            + jnp.einsum("bhck,bhcv->bhkv", r["b_e"][:, :, m], d_x)
         )
-    after = jnp.stack(after[::-1], axis=2)  # cotangent of the state after each chunk
-    du = jnp.stack(dus[::-1], axis=2)
+    after = jnp.stack(afters[::-1], axis=2)
+    d_x = jnp.stack(d_xs_[::-1], axis=2)
     starts, u = r["starts"], r["u"]
-    d_w = jnp.einsum("bhmcv,bhmkv->bhmck", du, starts)
+    d_b_e = jnp.einsum("bhmcv,bhmkv->bhmck", d_x, starts)
     d_qg = jnp.einsum("bhmcv,bhmkv->bhmck", p, starts)
     d_a_end = jnp.einsum("bhmcv,bhmkv->bhmck", u, after)
     d_k_end = jnp.einsum("bhmcv,bhmkv->bhmck", v, after)
-    d_v = swap(r["a_qk"]) @ p + jnp.einsum("bhmck,bhmkv->bhmcv", r["k_end"], after)
-    d_decay = jnp.sum(starts * after, axis=-1)  # [B, H, M, K]
+    d_v = (swap(r["a_qk"]) @ p + jnp.einsum("bhmck,bhmkv->bhmcv", r["k_end"], after)
+           + swap(r["a_bk"]) @ d_x)
+    d_decay = _row_dots(starts, after)  # [B, H, M, K]
     incl = jnp.tril(jnp.ones((C, C), dtype=bool))
     strict = jnp.tril(jnp.ones((C, C), dtype=bool), -1)
     d_a_qa = jnp.where(incl, p @ swap(u), 0.0)
     d_a_qk = jnp.where(incl, p @ swap(v), 0.0)
-    d_r = swap(r["t_inv"]) @ jnp.concatenate([d_w, du], axis=-1)
-    d_b_e, d_ru = d_r[..., :K], d_r[..., K:]
-    d_a_ba = jnp.where(strict, d_r @ swap(r["x"]), 0.0)
-    d_a_bk = jnp.where(strict, d_ru @ swap(v), 0.0)
-    d_v = d_v + swap(r["a_bk"]) @ d_ru
+    d_a_ba = jnp.where(strict, d_x @ swap(u), 0.0)
+    d_a_bk = jnp.where(strict, d_x @ swap(v), 0.0)
     d_pairs = jnp.stack([jnp.stack([d_a_ba, d_a_bk], axis=-3),
                          jnp.stack([d_a_qa, d_a_qk], axis=-3)], axis=-4)
     d_lhs, d_rhs, d_diag = jax.lax.optimization_barrier(
@@ -504,7 +503,7 @@ def _chunk_block_bwd(state, xs, d_o, d_state, *, chunk_size: int, scale: float, 
     d_diag = d_diag[..., 1, :, :, None]  # [B, H, M, Y, C, 1]: only the q rows have a diagonal
     d_qw = d_lhs[..., 1, :, :]
     d_q = (w * d_qw + ops["gamma"] * d_qg
-           + jnp.sum(d_diag * ops["rhs"], axis=-3))
+           + d_diag[..., 0, :, :] * a + d_diag[..., 1, :, :] * k)
     d_b = d_lhs[..., 0, :, :] + f["exp_e"] * d_b_e
     d_a = d_rhs[..., 0, :, :] + f["to_end"] * d_a_end + d_diag[..., 0, :, :] * q
     d_k = d_rhs[..., 1, :, :] + f["to_end"] * d_k_end + d_diag[..., 1, :, :] * q
