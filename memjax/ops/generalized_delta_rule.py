@@ -410,6 +410,16 @@ def _block_operands(xs, C: int, acc):
     return ops
 
 
+def _mt(x, y):
+    """x^T @ y over the last two axes, as one dot (an explicit transpose of x made XLA copy it)."""
+    return jnp.einsum("...ji,...jk->...ik", x, y)
+
+
+def _mmt(x, y):
+    """x @ y^T over the last two axes, as one dot."""
+    return jnp.einsum("...ik,...jk->...ij", x, y)
+
+
 def _row_dots(x, y):
     """sum(x * y, axis=-1), materialising the product first: written plainly the compiler made
     it a matrix-vector product that ran several times slower."""
@@ -431,7 +441,6 @@ def _block_core(ops, state, scale):
     z = a_bk @ v
     a_end, k_end = a * ops["f"]["to_end"], k * ops["f"]["to_end"]
     h_kv = jnp.einsum("bhmck,bhmcv->bhmkv", k_end, v)
-    a_end_t = jnp.swapaxes(a_end, -1, -2)
     starts, us = [], []
     for m in range(M):  # the only part that depends on the state
         starts.append(state)
@@ -440,7 +449,7 @@ def _block_core(ops, state, scale):
         us.append(u)
         state = (
             ops["f"]["chunk_decay"][:, :, m, :, None] * state
-            + jnp.einsum("bhkc,bhcv->bhkv", a_end_t[:, :, m], u)
+            + jnp.einsum("bhck,bhcv->bhkv", a_end[:, :, m], u)
             + h_kv[:, :, m]
         )
     starts = jnp.stack(starts, axis=2)
@@ -465,15 +474,14 @@ def _chunk_block_bwd(state, xs, d_o, d_state, *, chunk_size: int, scale: float, 
     C, M = ops["C"], ops["M"]
     K = q.shape[-1]
     p = scale * _to_heads(d_o.astype(acc), M, C)
-    swap = lambda x: jnp.swapaxes(x, -1, -2)  # noqa: E731
-    du_local = swap(r["a_qa"]) @ p
+    du_local = _mt(r["a_qa"], p)
     f_out = jnp.einsum("bhmck,bhmcv->bhmkv", r["qg"], p)
     g_state = d_state.astype(acc)
     afters, d_xs_ = [], []
     for m in reversed(range(M)):
         afters.append(g_state)  # cotangent of the state after chunk m
         du = du_local[:, :, m] + jnp.einsum("bhck,bhkv->bhcv", r["a_end"][:, :, m], g_state)
-        d_x = swap(r["t_inv"][:, :, m]) @ du  # cotangent of y + z (u = T (y + z))
+        d_x = _mt(r["t_inv"][:, :, m], du)  # cotangent of y + z (u = T (y + z))
         d_xs_.append(d_x)
         g_state = (
             f["chunk_decay"][:, :, m, :, None] * g_state
@@ -487,15 +495,15 @@ def _chunk_block_bwd(state, xs, d_o, d_state, *, chunk_size: int, scale: float, 
     d_qg = jnp.einsum("bhmcv,bhmkv->bhmck", p, starts)
     d_a_end = jnp.einsum("bhmcv,bhmkv->bhmck", u, after)
     d_k_end = jnp.einsum("bhmcv,bhmkv->bhmck", v, after)
-    d_v = (swap(r["a_qk"]) @ p + jnp.einsum("bhmck,bhmkv->bhmcv", r["k_end"], after)
-           + swap(r["a_bk"]) @ d_x)
+    d_v = (_mt(r["a_qk"], p) + jnp.einsum("bhmck,bhmkv->bhmcv", r["k_end"], after)
+           + _mt(r["a_bk"], d_x))
     d_decay = _row_dots(starts, after)  # [B, H, M, K]
     incl = jnp.tril(jnp.ones((C, C), dtype=bool))
     strict = jnp.tril(jnp.ones((C, C), dtype=bool), -1)
-    d_a_qa = jnp.where(incl, p @ swap(u), 0.0)
-    d_a_qk = jnp.where(incl, p @ swap(v), 0.0)
-    d_a_ba = jnp.where(strict, d_x @ swap(u), 0.0)
-    d_a_bk = jnp.where(strict, d_x @ swap(v), 0.0)
+    d_a_qa = jnp.where(incl, _mmt(p, u), 0.0)
+    d_a_qk = jnp.where(incl, _mmt(p, v), 0.0)
+    d_a_ba = jnp.where(strict, _mmt(d_x, u), 0.0)
+    d_a_bk = jnp.where(strict, _mmt(d_x, v), 0.0)
     d_pairs = jnp.stack([jnp.stack([d_a_ba, d_a_bk], axis=-3),
                          jnp.stack([d_a_qa, d_a_qk], axis=-3)], axis=-4)
     d_lhs, d_rhs, d_diag = jax.lax.optimization_barrier(
