@@ -69,12 +69,14 @@ __all__ = ["generalized_delta_rule", "generalized_delta_rule_step"]
 
 IMPLS = ("auto", "reference", "chunk")
 
-# Sub-chunk length of the decay-ratio trick; chunk sizes must be multiples of it.
+# Chunk sizes must be multiples of this (the contract of the chunk form; the pair hierarchy
+# itself only needs multiples of _LEAF).
 SUB_CHUNK = 16
 
 # Chunk form blocking: tokens per step of the outer scan (at least one chunk), and the most
-# chunks per step. Measured on a 2-core CPU (B=1, H=8, K=V=128, C=64): one chunk per step was the
-# fastest forward and forward + backward; its operands stay in cache.
+# chunks per step. Measured on a 2-core CPU (B=1, H=8, K=V=128, C = 16 ... 128): one chunk per
+# step was the fastest forward and forward + backward (its operands stay in cache); C = 16 takes
+# two per step so that the saved states (one per step) stay at most one per 32 tokens.
 _BLOCK_TOKENS = 32
 _MAX_BLOCK_CHUNKS = 32
 # Tokens per leaf block of the pair hierarchy (see ``_pairs``).
@@ -121,8 +123,7 @@ def _check_gdr_chunk_size(chunk_size) -> int:
     c = _check_chunk_size(chunk_size)
     if c % SUB_CHUNK:
         raise ValueError(
-            f"chunk_size must be a positive multiple of {SUB_CHUNK} (the sub-chunk the "
-            f"per-channel decay is tiled by), got {c}"
+            f"chunk_size must be a positive multiple of {SUB_CHUNK}, got {c}"
         )
     return c
 
@@ -219,7 +220,7 @@ def _from_heads(x):
 
 
 def _pad_chunk(x, value=0.0):
-    """Pad axis -2 (the tokens of a chunk) to the next power of two (the pair hierarchy halves it)."""
+    """Pad axis -2 (the tokens of a chunk) to a power of two (the pair hierarchy halves it)."""
     C = x.shape[-2]
     P = 1 << (C - 1).bit_length()
     if P == C:
@@ -278,12 +279,19 @@ def _decay_factors(w):
                 chunk_decay=block.reshape(*lead, K))
 
 
-def _level_operands(lhs, rhs, f, h: int):
-    """Queries (second halves of the 2h-blocks, scaled by the decay from their h-block start)
-    and keys (first halves, scaled by the decay to their h-block end) of level h."""
+def _level_factors(f, h: int):
+    """Per token, the decay from the start of its h-block to it (pre) and from it to the end of
+    its h-block (suf), ``[..., P, K]``."""
     pre_blk, suf_blk = f["levels"][h]
     pre = (_split(f["pre4"], _LEAF) * pre_blk[..., None, :]).reshape(f["pre4"].shape)
     suf = (_split(f["suf4"], _LEAF) * suf_blk[..., None, :]).reshape(f["suf4"].shape)
+    return pre, suf
+
+
+def _level_operands(lhs, rhs, f, h: int):
+    """Queries (second halves of the 2h-blocks, scaled by the decay from their h-block start)
+    and keys (first halves, scaled by the decay to their h-block end) of level h."""
+    pre, suf = _level_factors(f, h)
     P, K = lhs.shape[-2:]
     queries = (lhs * pre[..., None, :, :]).reshape(*lhs.shape[:-2], P // (2 * h), 2, h, K)
     keys = (rhs * suf[..., None, :, :]).reshape(*rhs.shape[:-2], P // (2 * h), 2, h, K)
@@ -318,7 +326,7 @@ def _pairs(lhs, rhs, diag, f):
     """
     C = lhs.shape[-2]
     lhs, rhs = _pad_chunk(lhs), _pad_chunk(rhs)
-    X, P, K = lhs.shape[-3:]
+    X, P = lhs.shape[-3:-1]
     Y = rhs.shape[-3]
     lead = lhs.shape[:-3]
     left, right = _leaf_operands(lhs, rhs, f)
@@ -347,7 +355,7 @@ def _pairs_bwd(d_a, lhs, rhs, f):
     """Cotangents (d lhs, d rhs, d diag) of ``_pairs`` for a lower-triangular ``d_a``."""
     C = lhs.shape[-2]
     lhs, rhs = _pad_chunk(lhs), _pad_chunk(rhs)
-    X, P, K = lhs.shape[-3:]
+    X, P = lhs.shape[-3:-1]
     Y = rhs.shape[-3]
     lead = lhs.shape[:-3]
     pad = P - C
@@ -370,8 +378,9 @@ def _pairs_bwd(d_a, lhs, rhs, f):
     d_diag = jnp.stack([blocks[..., i, i] for i in range(_LEAF)], axis=-1)
     d_diag = d_diag.reshape(*d_diag.shape[:-2], P)[..., :C]
     left, right = _leaf_operands(lhs, rhs, f)
-    d_left = jnp.sum(jax.lax.optimization_barrier(d_leaf[..., None] * right[..., None, :, :, :, :]), axis=-4)
-    d_right = jnp.sum(jax.lax.optimization_barrier(d_leaf[..., None] * left[..., :, None, :, :, :]), axis=-5)
+    barrier = jax.lax.optimization_barrier
+    d_left = jnp.sum(barrier(d_leaf[..., None] * right[..., None, :, :, :, :]), axis=-4)
+    d_right = jnp.sum(barrier(d_leaf[..., None] * left[..., :, None, :, :, :]), axis=-5)
     w4 = _split(f["w"], _LEAF)
     w1, w2 = w4[..., None, :, 1, :], w4[..., None, :, 2, :]
     dl = [d_left[..., p, :] for p in range(6)]
@@ -381,9 +390,7 @@ def _pairs_bwd(d_a, lhs, rhs, f):
     d_rhs = jnp.stack([dr[0] + dr[3] + dr[5], dr[1] + dr[4], dr[2], jnp.zeros_like(dr[0])],
                       axis=-2).reshape(rhs.shape)
     for (h, d_q), (_, d_k) in zip(d_lhs_parts, d_rhs_parts):
-        pre_blk, suf_blk = f["levels"][h]
-        pre = (_split(f["pre4"], _LEAF) * pre_blk[..., None, :]).reshape(f["pre4"].shape)
-        suf = (_split(f["suf4"], _LEAF) * suf_blk[..., None, :]).reshape(f["suf4"].shape)
+        pre, suf = _level_factors(f, h)
         zq, zk = jnp.zeros_like(d_q), jnp.zeros_like(d_k)
         d_lhs = d_lhs + jnp.stack([zq, d_q], axis=-3).reshape(lhs.shape) * pre[..., None, :, :]
         d_rhs = d_rhs + jnp.stack([d_k, zk], axis=-3).reshape(rhs.shape) * suf[..., None, :, :]
@@ -394,8 +401,8 @@ def _block_operands(xs, C: int, acc):
     """Per-chunk operands of one block (shared by the forward and the backward pass).
 
     xs = (q, k, v, g, a, b) time-major slices ``[B, M*C, H, D]``; everything returned is laid
-    out ``[B, H, M, C, D]``. The transposed inputs are materialised once (optimization barrier):
-    fused into each consumer, the strided reads of the scan input ran several times slower.
+    out ``[B, H, M, C, D]``. lhs / rhs stack the left (b, q ⊙ w) and right (a, k) operands of the
+    pair matrices on an axis before C.
     """
     q, k, v, g, a, b = (x.astype(acc) for x in xs)
     M = q.shape[1] // C
@@ -427,12 +434,13 @@ def _row_dots(x, y):
 
 
 def _block_core(ops, state, scale):
-    """Everything the forward pass computes for one block; returns a dict."""
+    """The forward pass of one block from its start state (equations in ``_chunk_form``);
+    returns a dict with the output, the final state and what the backward pass reuses."""
     q, k, v, a, b = ops["q"], ops["k"], ops["v"], ops["a"], ops["b"]
-    C, M = ops["C"], ops["M"]
-    K = q.shape[-1]
+    M = ops["M"]
     rhs = ops["rhs"]
-    diag = jnp.stack([jnp.zeros_like(rhs[..., 0]), _row_dots(q[..., None, :, :], rhs)], axis=-3)  # [B, H, M, X, Y, C]: q_i . a_i and q_i . k_i for the q rows
+    # The j = i entries: q_i . a_i and q_i . k_i on the q rows, none on the b rows.
+    diag = jnp.stack([jnp.zeros_like(rhs[..., 0]), _row_dots(q[..., None, :, :], rhs)], axis=-3)
     pairs = _pairs(ops["lhs"], rhs, diag, ops["f"])  # [B, H, M, 2, 2, C, C]
     a_ba, a_bk = pairs[..., 0, 0, :, :], pairs[..., 0, 1, :, :]
     a_qa, a_qk = pairs[..., 1, 0, :, :], pairs[..., 1, 1, :, :]
@@ -467,29 +475,43 @@ def _chunk_block(state, xs, *, chunk_size: int, scale: float, acc):
 
 
 def _chunk_block_bwd(state, xs, d_o, d_state, *, chunk_size: int, scale: float, acc):
+    """Backward pass of ``_chunk_block``: recomputes the block from its start state, then
+
+      dU     = A_qa^T P + Ā G,   dX = T^T dU              (P = scale dO, G = dS_C; U = T X)
+      dS_0   = exp(c_C) ⊙ G + (q ⊙ exp(c))^T P + (b ⊙ exp(e))^T dX   (reverse recurrence)
+      dV     = A_qk^T P + K̄ G + A_bk^T dX
+      d(b ⊙ exp(e)) = dX S_0^T,  d(q ⊙ exp(c)) = P S_0^T,  dĀ = U G^T,  dK̄ = V G^T
+      dA_qa, dA_qk = P U^T, P V^T (lower),  dA_ba, dA_bk = dX U^T, dX V^T (strictly lower),
+
+    the pair matrices' cotangents go through ``_pairs_bwd``, and the decay gradient needs no
+    derivative of any product: every decay factor is exp(e_i - .) on a left operand x_i or
+    exp(. - c_j) on a right operand y_j (e, c the exclusive / inclusive chunk-local cumulative
+    log decays), so d e_i = sum x_i ⊙ dx_i and d c_j = -sum y_j ⊙ dy_j, and
+    dg_t = sum_{i >= t} (dc_i + de_i) - de_t + (q ⊙ w)_t ⊙ d(q ⊙ w)_t.
+    Returns (cotangent of the start state, cotangents of xs in the input layout).
+    """
     ops = _block_operands(xs, chunk_size, acc)
     r = _block_core(ops, state, scale)
     q, k, v, a, b, w = ops["q"], ops["k"], ops["v"], ops["a"], ops["b"], ops["w"]
     f = ops["f"]
     C, M = ops["C"], ops["M"]
-    K = q.shape[-1]
     p = scale * _to_heads(d_o.astype(acc), M, C)
     du_local = _mt(r["a_qa"], p)
     f_out = jnp.einsum("bhmck,bhmcv->bhmkv", r["qg"], p)
     g_state = d_state.astype(acc)
-    afters, d_xs_ = [], []
+    afters, d_x_chunks = [], []
     for m in reversed(range(M)):
         afters.append(g_state)  # cotangent of the state after chunk m
         du = du_local[:, :, m] + jnp.einsum("bhck,bhkv->bhcv", r["a_end"][:, :, m], g_state)
         d_x = _mt(r["t_inv"][:, :, m], du)  # cotangent of y + z (u = T (y + z))
-        d_xs_.append(d_x)
+        d_x_chunks.append(d_x)
         g_state = (
             f["chunk_decay"][:, :, m, :, None] * g_state
             + f_out[:, :, m]
             + jnp.einsum("bhck,bhcv->bhkv", r["b_e"][:, :, m], d_x)
         )
     after = jnp.stack(afters[::-1], axis=2)
-    d_x = jnp.stack(d_xs_[::-1], axis=2)
+    d_x = jnp.stack(d_x_chunks[::-1], axis=2)
     starts, u = r["starts"], r["u"]
     d_b_e = jnp.einsum("bhmcv,bhmkv->bhmck", d_x, starts)
     d_qg = jnp.einsum("bhmcv,bhmkv->bhmck", p, starts)
@@ -581,17 +603,17 @@ def _chunk_form(q, k, v, g, a, b, initial_state, scale, *, chunk_size: int, stat
 
     with pseudo-values u_j = S_{j-1}^T b_j. With the strictly lower pair matrices
     A_xy[i, j] = sum_d x_id y_jd exp(e_id - c_jd) (j < i; ``_pairs``), the u satisfy
-    (I - A_ba) U = (b ⊙ exp(e)) S_0 + A_bk V, so with the UT transform (one triangular inverse)
+    (I - A_ba) U = (b ⊙ exp(e)) S_0 + A_bk V, so with T = (I - A_ba)^-1 (one small triangular
+    inverse per chunk):
 
-      [W | U_0] = (I - A_ba)^-1 [b ⊙ exp(e) | A_bk V]:
-      U       = W S_0 + U_0                                              (sequential)
-      S_C     = diag(exp(c_C)) S_0 + Ā^T U + K̄^T V                        (sequential)
+      U       = T [ (b ⊙ exp(e)) S_0 + A_bk V ]                           (needs S_0)
+      S_C     = diag(exp(c_C)) S_0 + Ā^T U + K̄^T V                         (needs S_0)
       O       = scale [ (q ⊙ exp(c)) S_0 + A_qa U + A_qk V ]
 
-    where Ā = a ⊙ exp(c_C - c), K̄ = k ⊙ exp(c_C - c), and A_qa, A_qk have q ⊙ w on the left plus
-    the diagonal q_i . a_i, q_i . k_i (exp(c_i - c_j) = w_i exp(e_i - c_j)). Only U and S_C
-    depend on S_0 (the per-block recurrence in ``_block_core``). Padded tokens (g = a = b = k = 0)
-    leave the state unchanged, so the final state is exact for any T.
+    where Ā = a ⊙ exp(c_C - c), K̄ = k ⊙ exp(c_C - c), and A_qa, A_qk have q ⊙ w on the left
+    plus the diagonal q_i . a_i, q_i . k_i (exp(c_i - c_j) = w_i exp(e_i - c_j)). Every decay
+    factor is a product of w's (``_decay_factors``). Padded tokens (g = a = b = k = 0) leave
+    the state unchanged, so the final state is exact for any T.
 
     Layout: an outer scan over blocks of M chunks (``block_chunks``, default
     ``_BLOCK_TOKENS / C``) with a custom VJP (``_scan_blocks``): the forward pass saves each
