@@ -5,8 +5,8 @@ The main job (`make run`), Based on Zoology's first training segment:
     python scripts/train.py --config configs/mqar.py:model=based --workdir runs/mqar_main
 
 trains on (T=64, 4 pairs, 100k examples, vocab 8192, random filler) and stops early once test
-accuracy reaches 0.99. Measured on a 2-core CPU: Based reached 0.9905 at step 750 in 8 min 41 s
-(shared machine); attention (`model=attention`, the previous default) 2 min 59 s in all from a
+accuracy reaches 0.99. Measured on a 2-core CPU: Based reached 0.9905 at step 750 in 6 min 45 s
+(`time make run` from a finished venv, with three other workers on the machine); attention (`model=attention`, the previous default) 2 min 59 s in all from a
 fresh clone, early stop at step 750 with test accuracy 0.996. Other mixers and settings:
 
     python scripts/train.py --config configs/mqar.py:model=linear_attention --workdir runs/x \
