@@ -3,6 +3,7 @@
 from memjax.ops.delta_rule import delta_rule, delta_rule_step
 from memjax.ops.generalized_delta_rule import generalized_delta_rule, generalized_delta_rule_step
 from memjax.ops.linear_attention import linear_attention, linear_attention_step
+from memjax.ops.scan import linear_scan
 
 __all__ = [
     "delta_rule",
@@ -11,4 +12,5 @@ __all__ = [
     "generalized_delta_rule_step",
     "linear_attention",
     "linear_attention_step",
+    "linear_scan",
 ]
