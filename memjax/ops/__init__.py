@@ -1,6 +1,7 @@
 """Memory operators: pure functions on arrays, one module per family (see DESIGN.md)."""
 
 from memjax.ops.delta_rule import delta_rule, delta_rule_step
+from memjax.ops.diagonal_ssm import s4d, s4d_step, s5, s5_step
 from memjax.ops.generalized_delta_rule import generalized_delta_rule, generalized_delta_rule_step
 from memjax.ops.linear_attention import linear_attention, linear_attention_step
 from memjax.ops.scan import linear_scan
@@ -13,4 +14,8 @@ __all__ = [
     "linear_attention",
     "linear_attention_step",
     "linear_scan",
+    "s4d",
+    "s4d_step",
+    "s5",
+    "s5_step",
 ]
