@@ -44,7 +44,7 @@ import jax.numpy as jnp
 
 from memjax.ops.scan import _check_chunk_size, linear_scan
 
-__all__ = ["discretize", "s4d", "s4d_step", "s5", "s5_step", "S4D_IMPLS", "S5_IMPLS"]
+__all__ = ["S4D_IMPLS", "S5_IMPLS", "discretize", "s4d", "s4d_step", "s5", "s5_step"]
 
 S4D_IMPLS = ("auto", "conv", "scan", "reference")
 S5_IMPLS = ("auto", "associative", "chunk", "reference")

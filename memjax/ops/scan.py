@@ -33,7 +33,7 @@ import operator
 import jax
 import jax.numpy as jnp
 
-__all__ = ["linear_scan", "IMPLS"]
+__all__ = ["IMPLS", "linear_scan"]
 
 IMPLS = ("auto", "reference", "associative", "chunk")
 

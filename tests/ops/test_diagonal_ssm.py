@@ -168,7 +168,7 @@ def check_gradients(op, oracle, p, impls, **kw):
     want = {n: fd_gradient(loss_np, p, n) for n in GRAD_ARGS}
 
     for impl in impls:
-        def loss(args):
+        def loss(args, impl=impl):
             y, x = op(args["u"], args["Lambda"], args["B"], args["C"], args["log_dt"], p["D"],
                       initial_state=args["x0"], impl=impl, **kw)
             return jnp.sum(w_y * y) + jnp.sum(jnp.real(jnp.conj(w_x) * x))
