@@ -5,6 +5,8 @@ from memjax.ops.diagonal_ssm import s4d, s4d_step, s5, s5_step
 from memjax.ops.generalized_delta_rule import generalized_delta_rule, generalized_delta_rule_step
 from memjax.ops.linear_attention import linear_attention, linear_attention_step
 from memjax.ops.scan import linear_scan
+from memjax.ops.selective_scan import selective_scan, selective_scan_step
+from memjax.ops.ssd import ssd, ssd_step
 
 __all__ = [
     "delta_rule",
@@ -18,4 +20,8 @@ __all__ = [
     "s4d_step",
     "s5",
     "s5_step",
+    "selective_scan",
+    "selective_scan_step",
+    "ssd",
+    "ssd_step",
 ]
