@@ -41,3 +41,20 @@ def test_bench_skips_forms_over_the_memory_limit(tmp_path):
 def test_bench_rejects_unknown_ops():
     with pytest.raises(SystemExit):
         load_bench().parse_args(["--ops", "nope"])
+
+
+def test_bench_runs_every_form_of_the_state_space_scans(tmp_path):
+    bench = load_bench()
+    out = tmp_path / "bench.json"
+    bench.main(["--ops", "s4d,ssd", "--modes", "fwd", "--T", "20", "--D", "4", "--N", "2", "--H", "2",
+                "--chunk-size", "8", "--repeats", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["op"], r["impl"]) for r in rows] == [
+        ("s4d", "reference"), ("s4d", "scan"), ("s4d", "conv"), ("ssd", "reference"), ("ssd", "chunk")]
+    assert all(r["median_s"] > 0 and (r["D"], r["N"]) == (4, 2) for r in rows)
+
+
+def test_bench_impls_filter_keeps_only_forms_an_op_has():
+    bench = load_bench()
+    assert bench._forms(bench.CASES["ssd"], "associative,chunk") == ("chunk",)
+    assert bench._forms(bench.CASES["linear_scan"], "all") == ("reference", "associative", "chunk")
