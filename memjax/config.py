@@ -68,6 +68,11 @@ MIXER_PRESETS = {
     # Delta rule with beta in (0, 2): state-transition eigenvalues in (-1, 1], needed for parity.
     "deltanet_neg": ("deltanet", {"allow_neg_eigval": True}),
     "gated_deltanet_neg": ("gated_deltanet", {"allow_neg_eigval": True}),
+    # Selective SSMs with two state channels (Mamba) / heads (Mamba-2) fixed at decay 1 and 0
+    # (Wang et al. 2025), and Mamba started close to linear attention (Trockman et al. 2024).
+    "mamba_polarized": ("mamba", {"polarized": True}),
+    "mamba_mimetic": ("mamba", {"initialization": "mimetic"}),
+    "mamba2_polarized": ("mamba2", {"polarized": True}),
 }
 
 
