@@ -72,7 +72,9 @@ MIXER_PRESETS = {
     # (Wang et al. 2025), and Mamba started close to linear attention (Trockman et al. 2024).
     "mamba_polarized": ("mamba", {"polarized": True}),
     "mamba_mimetic": ("mamba", {"initialization": "mimetic"}),
-    "mamba2_polarized": ("mamba2", {"polarized": True}),
+    # head_dim 8: even the smoke size (d_model 16, 4 heads) keeps learned heads beside the two
+    # fixed ones. Its unpolarized twin: model=mamba2 --config.model.mixer.head_dim=8.
+    "mamba2_polarized": ("mamba2", {"polarized": True, "head_dim": 8}),
 }
 
 

@@ -140,7 +140,8 @@ class Mamba(nn.Module):
         Dskip = self.param("D", nn.initializers.ones, (E,))
 
         scan_B, scan_C = (polarize(Bm), polarize(Cm)) if self.polarized else (Bm, Cm)
-        self._sow_decay(dt, A)
+        if self.is_mutable_collection("intermediates"):  # only when asked: [B, T, E, N] is big
+            self._sow_decay(dt, A)
         state = None if cache is None else cache["ssm"]
         if state is not None and x.shape[1] == 1:
             y, state = selective_scan_step(u[:, 0], dt[:, 0], A, scan_B[:, 0], scan_C[:, 0], state,

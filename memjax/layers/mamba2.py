@@ -91,7 +91,8 @@ class Mamba2(nn.Module):
         dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + dt_bias)
         A = self._A()
         Dskip = self.param("D", nn.initializers.ones, (H,))
-        self._sow_decay(dt, A)
+        if self.is_mutable_collection("intermediates"):  # only when asked: skip the exp otherwise
+            self._sow_decay(dt, A)
 
         if self.polarized:
             scan_x, scan_dt, scan_D = _without_head_1(xs), _without_head_1(dt), _without_head_1(Dskip, 0)

@@ -244,4 +244,4 @@ def test_registered_and_presets():
     assert mixer_config("mamba_polarized").polarized is True
     assert mixer_config("mamba_mimetic").initialization == "mimetic"
     cfg = mixer_config("mamba2_polarized")
-    assert cfg.name == "mamba2" and cfg.polarized is True
+    assert cfg.name == "mamba2" and cfg.polarized is True and cfg.head_dim == 8
