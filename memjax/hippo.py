@@ -273,8 +273,8 @@ def legs_step_matrices(k: int, n: int, method: str = "bilinear", step: str = "lo
       a unit step: ``discretize(-A/t, B/t, 1, method)``; with forward Euler this is the paper's
       ``c_{k+1} = (I - A/t) c_k + (1/t) B f_k``.
 
-    Measured on a smooth signal (experiments/hippo_approx.py), "log" with bilinear is about 20x
-    more accurate than "paper" with bilinear at N = 64, L = 1000.
+    Measured (docs/results/hippo_approx, bilinear, L = 2000): RMSE 7.0e-5 with "log" against
+    1.7e-3 with "paper" at N = 64; "paper" stops improving past N = 32.
     """
     _check_legs_step(step)
     n = _check_order(n)
