@@ -28,10 +28,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from memjax import hippo  # noqa: E402
+from memjax import hippo
 
 L, T, SEED = 2000, 2.0, 0
 ORDERS = (4, 8, 16, 32, 64, 128, 256)

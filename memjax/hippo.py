@@ -31,7 +31,6 @@ from __future__ import annotations
 import numpy as np
 
 MEASURES = ("legs", "legt", "lmu", "lagt", "fout")
-_TRANSLATED = ("legt", "lmu", "lagt", "fout")
 
 
 def _check_measure(measure: str) -> None:

@@ -4,6 +4,8 @@ Golden values are written out by hand below; the references (exact ZOH projectio
 function, matrix exponentials, quadrature) are computed here, not by the code under test.
 """
 
+import itertools
+
 import numpy as np
 import pytest
 from numpy.polynomial import laguerre, legendre
@@ -251,7 +253,7 @@ def test_reconstruction_error_decreases_with_n(measure, theta, orders):
         t, pts = (L, s / dt) if measure == "legs" else (T, s)
         errs.append(weighted_rmse(measure, c, t, pts[keep], f[keep], theta))
     # Past these orders the error sits at the floor of holding samples constant (~2e-4).
-    assert all(b < 0.8 * a for a, b in zip(errs, errs[1:])), errs
+    assert all(b < 0.8 * a for a, b in itertools.pairwise(errs)), errs
     assert errs[-1] < 1e-3, errs
 
 
@@ -270,7 +272,7 @@ def test_fout_error_decreases_with_n_on_a_periodic_window():
         c0 = np.stack(cols, axis=1).T @ g(s0) * dt
         c = hippo.project(g(s0 + theta), "fout", n, "zoh", dt=dt, initial_state=c0)[-1]
         errs.append(weighted_rmse("fout", c, 2 * theta, s0 + theta, g(s0 + theta), theta))
-    assert all(b < 0.8 * a for a, b in zip(errs, errs[1:])), errs
+    assert all(b < 0.8 * a for a, b in itertools.pairwise(errs)), errs
     assert errs[-1] < 1e-3, errs
 
 

@@ -134,7 +134,7 @@ def test_memory_update_gradient_matches_finite_differences(x64, method):
     c0, f0 = jnp.asarray(randn(4, 1, 2, 5)), jnp.asarray(randn(5, 1, 2))
     w = jnp.asarray(randn(6, 1, 2, 5))
     for k in (0, 3):
-        loss = lambda c, f: jnp.sum(w * jnp.tanh(memory_update(c, f, k, method=method)))
+        loss = lambda c, f, k=k: jnp.sum(w * jnp.tanh(memory_update(c, f, k, method=method)))
         gc, gf = jax.grad(loss, argnums=(0, 1))(c0, f0)
         assert np.all(np.isfinite(gc)) and np.all(np.isfinite(gf))
         eps, dc, df = 1e-6, jnp.asarray(randn(7, 1, 2, 5)), jnp.asarray(randn(8, 1, 2))
