@@ -95,7 +95,8 @@ class S4D(nn.Module):
     a GLU output linear. ``lambda_init="legs"``: Lambda is the diagonal of HiPPO-LegS's normal part
     (``memjax.hippo.nplr``; S4D-LegS); ``"lin"``: S4D-Lin, ``Lambda_n = -1/2 + i pi n``.
     ``log dt`` uniform in ``[log 1e-3, log 1e-1]``, B = 1, C complex normal (unit variance), D = 1.
-    ``impl``: ``"conv"`` (FFT convolution; default for training), ``"scan"`` or ``"reference"``.
+    ``impl``: ``"auto"`` (``memjax.ops.s4d`` picks: the sequential scan on CPU, where it was
+    measured fastest, FFT convolution elsewhere), ``"conv"``, ``"scan"`` or ``"reference"``.
     ``[B, T, d_model]`` in and out; decoding cache ``{"state": [B, H, state_dim / 2] complex64}``.
     """
 
@@ -103,7 +104,7 @@ class S4D(nn.Module):
     state_dim: int = 64
     lambda_init: str = "legs"
     discretization: str = "zoh"
-    impl: str = "conv"
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, cache=None):

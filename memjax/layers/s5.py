@@ -57,7 +57,7 @@ class S5(nn.Module):
     state_dim: int = 64
     conj_sym: bool = True
     discretization: str = "zoh"
-    impl: str = "associative"
+    impl: str = "auto"
     chunk_size: int = 128
 
     @nn.compact

@@ -20,21 +20,14 @@ Forms (``impl``):
   width 1: per-channel log decay ``g = dt A`` ``[B, T, D, N]``, ``q = Cm``, ``k = Bm`` (broadcast
   over the D heads), ``v = dt x`` and scale 1. It dispatches to
   ``memjax.ops.linear_attention(..., impl="chunk")`` instead of a chunk algorithm of its own.
-- ``"auto"``: the reference form on CPU (measured fastest there, below); the associative form on
+- ``"auto"``: the reference form on CPU (measured fastest there, below, and in ``memjax.ops.scan``); the associative form on
   other backends (not measured here: no accelerator was available; it is the parallel form
   Mamba itself uses).
 
-Measured on a 2-core CPU shared with other jobs (load 3-4, so absolute times are noisy; two
-runs agreed on the ranking), float32, B=1, D=256, N=16, chunk 64, median of 5 after warm-up;
-command: ``python -c "from memjax.ops.selective_scan import _benchmark; _benchmark()"``::
-
-    T      form          forward    forward+backward
-    1024   reference       8.4 ms       86.6 ms
-    1024   associative    73.3 ms      177.4 ms
-    1024   chunk         251.7 ms     1101.9 ms
-    4096   reference      15.6 ms      207.6 ms
-    4096   associative   275.6 ms      739.1 ms
-    4096   chunk         936.9 ms     3908.0 ms
+Measured with ``scripts/bench.py`` (docs/results/bench_ssm_scans.json: float32, B=1, D=256,
+N=16, chunk 64, one run on a 2-core CPU; ratios of medians), forward / forward+backward time
+relative to the reference form: associative 6.2x / 1.8x at T=1024, 5.5x / 2.0x at T=4096 and
+6.0x / 1.9x at T=16384; chunk 25x / 18x, 21x / 18x, 24x / 16x.
 
 The sequential scan wins on CPU: each step touches only the ``[B, D, N]`` state, which stays in
 cache, while the associative form streams ``O(log T)`` passes over ``[B, T, D, N]`` arrays. The
@@ -48,13 +41,12 @@ Gradients are JAX autodiff of each form (for chunk, linear_attention's own).
 from __future__ import annotations
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 
 from memjax.ops.linear_attention import _check_chunk_size, linear_attention
-from memjax.ops.scan import linear_scan
+from memjax.ops.scan import linear_scan, prefer_sequential
 
 __all__ = ["selective_scan", "selective_scan_step", "IMPLS"]
 
@@ -204,7 +196,8 @@ def selective_scan(
       Bm, Cm: ``[B, T, N]`` input and output projections (shared by all channels).
       Dskip: ``[D]`` skip connection, or None.
       initial_state: ``[B, D, N]`` state before the first token; None means zeros.
-      impl: ``"reference"``, ``"associative"``, ``"chunk"`` or ``"auto"`` (associative).
+      impl: ``"reference"``, ``"associative"``, ``"chunk"`` or ``"auto"`` (reference on
+        CPU, associative elsewhere).
       chunk_size: chunk length of the chunk form (any positive int; T need not be a multiple).
 
     Returns:
@@ -216,41 +209,7 @@ def selective_scan(
     chunk_size = _check_chunk_size(chunk_size)
     _validate(x, dt, A, Bm, Cm, Dskip, initial_state, step=False)
     if impl == "auto":
-        impl = "reference" if jax.default_backend() == "cpu" else "associative"
+        impl = "reference" if prefer_sequential() else "associative"
     return _selective_scan(
         x, dt, A, Bm, Cm, Dskip, initial_state, impl=impl, chunk_size=chunk_size
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Benchmark of the forms (the numbers in the module docstring)
-# ---------------------------------------------------------------------------------------------
-
-
-def _benchmark(lengths=(1024, 4096), D=256, N=16, repeats=5) -> None:
-    keys = jax.random.split(jax.random.key(0), 5)
-    for T in lengths:
-        x = jax.random.normal(keys[0], (1, T, D))
-        dt = jax.nn.softplus(jax.random.normal(keys[1], (1, T, D)) - 3.0)
-        A = -jnp.broadcast_to(jnp.arange(1.0, N + 1), (D, N))
-        Bm = jax.random.normal(keys[2], (1, T, N))
-        Cm = jax.random.normal(keys[3], (1, T, N))
-        for impl in ("reference", "associative", "chunk"):
-            fwd = jax.jit(lambda *a, impl=impl: selective_scan(*a, impl=impl)[0])
-            loss = jax.jit(jax.grad(lambda *a, impl=impl: jnp.sum(selective_scan(*a, impl=impl)[0] ** 2),
-                                    argnums=(0, 1, 2, 3, 4)))
-            times = []
-            for fn in (fwd, loss):
-                jax.block_until_ready(fn(x, dt, A, Bm, Cm))
-                runs = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    jax.block_until_ready(fn(x, dt, A, Bm, Cm))
-                    runs.append(time.perf_counter() - start)
-                times.append(sorted(runs)[repeats // 2] * 1e3)
-            print(f"T={T:6d} {impl:12s} forward {times[0]:8.1f} ms   forward+backward {times[1]:8.1f} ms",
-                  flush=True)
-
-
-if __name__ == "__main__":
-    _benchmark()

@@ -20,18 +20,9 @@ Forms (``impl``):
   backward pass) instead of a chunk algorithm of its own.
 - ``"auto"``: chunk (measured fastest on CPU, below).
 
-Measured on a 2-core CPU shared with other jobs (load 3-4, absolute times noisy), float32, B=1,
-H=8, P=16, N=16, chunk 64, median of 5 after warm-up; command:
-``python -c "from memjax.ops.ssd import _benchmark; _benchmark()"``::
-
-    T      form        forward    forward+backward
-    1024   reference    1.4 ms      17.8 ms
-    1024   chunk        1.4 ms       5.9 ms
-    4096   reference    4.4 ms      77.8 ms
-    4096   chunk        5.4 ms      21.8 ms
-
-Forward the two are even; with the backward pass the chunk form is 3-4x faster (an earlier run
-under similar load: 4.8 vs 21.4 ms at T=1024, 29.8 vs 112.6 ms at T=4096).
+Measured with ``scripts/bench.py`` (docs/results/bench_ssm_scans.json: float32, B=1, H=8,
+P=32, N=16, chunk 64, one run on a 2-core CPU), chunk time relative to reference, forward /
+forward+backward: 0.64 / 0.27 at T=1024, 0.66 / 0.17 at T=4096, 0.49 / 0.21 at T=16384.
 
 Gradients are JAX autodiff (the chunk form's come from linear_attention's custom VJP).
 """
@@ -39,7 +30,6 @@ Gradients are JAX autodiff (the chunk form's come from linear_attention's custom
 from __future__ import annotations
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -178,32 +168,3 @@ def ssd(x, dt, A, Bm, Cm, Dskip=None, *, initial_state=None, impl="auto", chunk_
     _validate(x, dt, A, Bm, Cm, Dskip, initial_state, step=False)
     impl = "chunk" if impl == "auto" else impl
     return _ssd(x, dt, A, Bm, Cm, Dskip, initial_state, impl=impl, chunk_size=chunk_size)
-
-
-def _benchmark(lengths=(1024, 4096), H=8, P=16, N=16, repeats=5) -> None:
-    keys = jax.random.split(jax.random.key(0), 5)
-    for T in lengths:
-        x = jax.random.normal(keys[0], (1, T, H, P))
-        dt = jax.nn.softplus(jax.random.normal(keys[1], (1, T, H)) - 3.0)
-        A = -jnp.linspace(1.0, 16.0, H)
-        Bm = jax.random.normal(keys[2], (1, T, N))
-        Cm = jax.random.normal(keys[3], (1, T, N))
-        for impl in ("reference", "chunk"):
-            fwd = jax.jit(lambda *a, impl=impl: ssd(*a, impl=impl)[0])
-            loss = jax.jit(jax.grad(lambda *a, impl=impl: jnp.sum(ssd(*a, impl=impl)[0] ** 2),
-                                    argnums=(0, 1, 2, 3, 4)))
-            times = []
-            for fn in (fwd, loss):
-                jax.block_until_ready(fn(x, dt, A, Bm, Cm))
-                runs = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    jax.block_until_ready(fn(x, dt, A, Bm, Cm))
-                    runs.append(time.perf_counter() - start)
-                times.append(sorted(runs)[repeats // 2] * 1e3)
-            print(f"T={T:6d} {impl:10s} forward {times[0]:8.1f} ms   forward+backward {times[1]:8.1f} ms",
-                  flush=True)
-
-
-if __name__ == "__main__":
-    _benchmark()
