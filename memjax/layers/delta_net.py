@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from memjax.layers.conv import ShortConv
 from memjax.layers.heads import (FLOAT32_BYTES, head_dim, l2_normalize, merge_heads, run_recurrent,
                                  split_heads)
+from memjax.layers.initializers import dt_bias_init
 from memjax.layers.registry import MIXERS
 from memjax.ops import delta_rule, delta_rule_step
 
@@ -69,7 +70,7 @@ class DeltaNet(nn.Module):
         """`g = -exp(A_log) * softplus(W_a x + dt_bias)`, `[B, T, H]`, in float32 (g <= 0)."""
         heads = self.num_heads
         a_log = self.param("A_log", lambda key: jnp.log(jax.random.uniform(key, (heads,), minval=1.0, maxval=16.0)))
-        dt_bias = self.param("dt_bias", _dt_bias_init, (heads,))
+        dt_bias = self.param("dt_bias", dt_bias_init(1e-3, 0.1), (heads,))
         pre = nn.Dense(heads, use_bias=False, name="a")(x).astype(jnp.float32) + dt_bias
         return -jnp.exp(a_log) * jax.nn.softplus(pre)
 
@@ -86,12 +87,6 @@ class DeltaNet(nn.Module):
         dim = head_dim(self.d_model, self.num_heads)
         conv = 3 * (self.conv_size - 1) * self.d_model
         return (self.num_heads * dim * dim + conv) * FLOAT32_BYTES
-
-
-def _dt_bias_init(key, shape):
-    """Inverse softplus of time steps log-uniform in [1e-3, 0.1] (Mamba-2's initialisation)."""
-    dt = jnp.exp(jax.random.uniform(key, shape, minval=jnp.log(1e-3), maxval=jnp.log(0.1)))
-    return dt + jnp.log(-jnp.expm1(-dt))
 
 
 @MIXERS.register("gated_deltanet")

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from memjax.layers.conv import ShortConv
 from memjax.layers.heads import FLOAT32_BYTES
+from memjax.layers.initializers import dt_bias_init
 from memjax.layers.registry import MIXERS
 from memjax.ops import selective_scan, selective_scan_step
 
@@ -15,21 +16,6 @@ INITIALIZATIONS = ("default", "mimetic")
 # Mimetic init multiplies the default decay rates -A by this (A_log shifted by log 0.01), so that
 # with dt <= 0.1 every per-token decay exp(dt A) starts above exp(-0.1 * 0.16) ~ 0.984 (N = 16).
 MIMETIC_A_SCALE = 1e-2
-
-
-def dt_bias_init(dt_min: float, dt_max: float):
-    """Bias whose softplus is a time step log-uniform in [dt_min, dt_max] (Mamba's dt init).
-
-    Inverse softplus: ``b = dt + log(-expm1(-dt))``, so ``softplus(b) = dt``. dt is floored at
-    1e-4 as in Mamba, which only matters for dt_min below that.
-    """
-
-    def init(key, shape, dtype=jnp.float32):
-        log_dt = jax.random.uniform(key, shape, dtype, math.log(dt_min), math.log(dt_max))
-        dt = jnp.maximum(jnp.exp(log_dt), 1e-4)
-        return dt + jnp.log(-jnp.expm1(-dt))
-
-    return init
 
 
 def symmetric_uniform(bound: float):

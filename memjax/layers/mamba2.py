@@ -6,7 +6,8 @@ import jax.numpy as jnp
 
 from memjax.layers.conv import ShortConv
 from memjax.layers.heads import FLOAT32_BYTES, merge_heads, split_heads
-from memjax.layers.mamba import MIMETIC_A_SCALE, check_initialization, dt_bias_init, tie_columns
+from memjax.layers.initializers import dt_bias_init
+from memjax.layers.mamba import MIMETIC_A_SCALE, check_initialization, tie_columns
 from memjax.layers.registry import MIXERS
 from memjax.ops import ssd, ssd_step
 

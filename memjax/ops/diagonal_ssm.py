@@ -47,7 +47,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from memjax.ops.scan import _check_chunk_size, linear_scan, prefer_sequential
+from memjax.ops.linear_attention import _check_chunk_size
+from memjax.ops.scan import linear_scan, prefer_sequential
 
 __all__ = ["S4D_IMPLS", "S5_IMPLS", "discretize", "s4d", "s4d_step", "s5", "s5_step"]
 

@@ -36,10 +36,11 @@ Any T >= 0 is accepted. Gradients are JAX autodiff of each form.
 from __future__ import annotations
 
 import functools
-import operator
 
 import jax
 import jax.numpy as jnp
+
+from memjax.ops.linear_attention import _check_chunk_size
 
 __all__ = ["IMPLS", "linear_scan", "prefer_sequential"]
 
@@ -62,19 +63,6 @@ def _combine(left, right):
     a_i, b_i = left
     a_j, b_j = right
     return a_j * a_i, a_j * b_i + b_j
-
-
-def _check_chunk_size(chunk_size) -> int:
-    # bool is an int subclass; chunk_size=True is almost certainly a mistake.
-    if isinstance(chunk_size, bool):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    try:
-        c = operator.index(chunk_size)
-    except TypeError:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}") from None
-    if c <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    return c
 
 
 def _validate(a, b, initial_state) -> None:
