@@ -95,8 +95,8 @@ class S4D(nn.Module):
     a GLU output linear. ``lambda_init="legs"``: Lambda is the diagonal of HiPPO-LegS's normal part
     (``memjax.hippo.nplr``; S4D-LegS); ``"lin"``: S4D-Lin, ``Lambda_n = -1/2 + i pi n``.
     ``log dt`` uniform in ``[log 1e-3, log 1e-1]``, B = 1, C complex normal (unit variance), D = 1.
-    ``impl``: ``"auto"`` (``memjax.ops.s4d`` picks: the sequential scan on CPU, where it was
-    measured fastest, FFT convolution elsewhere), ``"conv"``, ``"scan"`` or ``"reference"``.
+    ``impl``: ``"auto"`` (FFT convolution, the fastest form for training batches; see
+    ``memjax.ops.diagonal_ssm``), ``"conv"``, ``"scan"`` or ``"reference"``.
     ``[B, T, d_model]`` in and out; decoding cache ``{"state": [B, H, state_dim / 2] complex64}``.
     """
 

@@ -44,8 +44,7 @@ class S5(nn.Module):
         x_t = Lambda_bar x_{t-1} + B_bar u_t  (B [P, H]),   y_t = 2 Re(C x_t) + D u_t  (C [H, P]),
 
     ZOH discretisation (``discretization``) with one learned step per mode, evaluated by
-    ``memjax.ops.s5`` (``impl="auto"``: the sequential scan on CPU, the associative scan
-    elsewhere); then GELU and a GLU output linear. HiPPO-N initialisation:
+    ``memjax.ops.s5`` (``impl="auto"``: the associative scan); then GELU and a GLU output linear. HiPPO-N initialisation:
     Lambda and V are the eigenvalues and eigenvectors of HiPPO-LegS's normal part
     (``memjax.hippo.nplr("legs", P)``); B and C are drawn real (lecun normal) in HiPPO's basis
     and projected, ``B~ = V^-1 B``, ``C~ = C V``. ``conj_sym=True`` keeps one mode of each

@@ -21,18 +21,21 @@ the state is ``[B, H, N]`` complex. Forms (``impl``):
   contraction), so split-and-resume works without running the recurrence.
 - ``"scan"``: the recurrence by ``linear_scan(impl="associative")``.
 - ``"reference"``: token by token with ``lax.scan``; the source of truth.
-- ``"auto"``: reference on CPU, conv elsewhere. Measured with ``scripts/bench.py``
-  (docs/results/bench_ssm_scans.json: float32, B=1, H=256, N=16, one run on a 2-core CPU),
-  time relative to reference, forward / forward+backward: conv 4.0x / 1.8x at T=1024, 1.0x /
-  1.4x at T=4096, 3.4x / 1.5x at T=16384; scan 1.9x / 1.7x, 1.0x / 1.5x, 2.8x / 1.1x.
+- ``"auto"``: conv. Measured with ``scripts/bench.py`` on a 2-core CPU, forward+backward time
+  relative to reference: at a training shape (B=16, T=256, H=128, N=16;
+  docs/results/bench_ssm_scans_batch16.json) conv 0.11x and scan 1.7x; at B=64, T=65, H=64,
+  N=32 conv 0.04x. The kernel is built once for the whole batch, while the recurrence's cost
+  grows with B. Only with one sequence and long T does the [H, N, T] kernel cost more than the
+  recurrence (B=1, H=256, N=16, docs/results/bench_ssm_scans.json: conv 1.8x at T=1024, 1.5x
+  at T=16384).
 
 **S5** (MIMO, one shared state of P complex modes): u ``[B, T, H]``; Lambda ``[P]``; B ``[P, H]``;
 C ``[H, P]``; log_dt ``[P]`` (one step per mode); D ``[H]``; the state is ``[B, P]`` complex.
 ``x_t = Lambda_bar x_{t-1} + B_bar u_t`` and ``y_t = 2 Re(C x_t) + D u_t`` (``conj_sym=False``:
 ``Re(C x_t) + D u_t``). Forms: ``"associative"`` (``linear_scan``), ``"chunk"`` (``linear_scan``
-blocked by ``chunk_size``), ``"reference"`` (``lax.scan``), ``"auto"`` (reference on CPU,
-associative elsewhere: in the same benchmark with P=16, reference took 0.6-1.1x the associative
-form's time, except the forward pass at T=16384, 2.2x).
+blocked by ``chunk_size``), ``"reference"`` (``lax.scan``), ``"auto"`` (associative: at B=16, T=256,
+H=128, P=16 its forward+backward took 0.80x the reference form's time, in
+docs/results/bench_ssm_scans_batch16.json).
 
 Arithmetic is in ``promote_types(inputs, complex64)``: complex64 / float32 for float32 or
 bfloat16 inputs, complex128 / float64 when everything is float64 under ``jax_enable_x64``. y has
@@ -48,7 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from memjax.ops.linear_attention import _check_chunk_size
-from memjax.ops.scan import linear_scan, prefer_sequential
+from memjax.ops.scan import linear_scan
 
 __all__ = ["S4D_IMPLS", "S5_IMPLS", "discretize", "s4d", "s4d_step", "s5", "s5_step"]
 
@@ -237,7 +240,7 @@ def s4d(u, Lambda, B, C, log_dt, D=None, *, initial_state=None, discretization="
       initial_state: ``[B, H, N]`` complex state before the first token (None: zeros).
       discretization: ``"zoh"`` or ``"bilinear"``.
       impl: ``"conv"`` (FFT convolution), ``"scan"`` (associative scan), ``"reference"``
-        (``lax.scan``) or ``"auto"`` (reference on CPU, conv elsewhere).
+        (``lax.scan``) or ``"auto"`` (conv).
 
     Returns:
       ``(y [B, T, H] in u's dtype, final_state [B, H, N] complex)``.
@@ -251,8 +254,7 @@ def s4d(u, Lambda, B, C, log_dt, D=None, *, initial_state=None, discretization="
         _shape_error("initial_state", initial_state, (u.shape[0], H, N), "[B, H, N]")
     if u.shape[1] == 0:
         return _empty(u, initial_state, (u.shape[0], H, N), Lambda, B, C, log_dt, D)
-    if impl == "auto":
-        impl = "reference" if prefer_sequential() else "conv"
+    impl = "conv" if impl == "auto" else impl
     return _s4d(u, Lambda, B, C, log_dt, D, initial_state, discretization, impl)
 
 
@@ -324,7 +326,7 @@ def s5(u, Lambda, B, C, log_dt, D=None, *, initial_state=None, discretization="z
       conj_sym: the P modes stand for conjugate pairs, so the output is ``2 Re(C x)``; with
         False it is ``Re(C x)``.
       impl: ``"associative"``, ``"chunk"``, ``"reference"`` or ``"auto"``
-        (reference on CPU, associative elsewhere).
+        (associative).
       chunk_size: block length of the chunk form.
 
     Returns:
@@ -340,7 +342,6 @@ def s5(u, Lambda, B, C, log_dt, D=None, *, initial_state=None, discretization="z
         _shape_error("initial_state", initial_state, (u.shape[0], P), "[B, P]")
     if u.shape[1] == 0:
         return _empty(u, initial_state, (u.shape[0], P), Lambda, B, C, log_dt, D)
-    if impl == "auto":
-        impl = "reference" if prefer_sequential() else "associative"
+    impl = "associative" if impl == "auto" else impl
     return _s5(u, Lambda, B, C, log_dt, D, initial_state, discretization, bool(conj_sym), impl,
                chunk_size)

@@ -27,7 +27,9 @@ which stays in cache, while the parallel forms stream several passes over ``[B, 
 Measured with ``scripts/bench.py`` (docs/results/bench_ssm_scans.json: float32, B=1, S=[256, 16],
 one run on a 2-core CPU), time relative to the reference form, forward / forward+backward:
 associative 3.3x / 1.4x at T=1024, 7.1x / 1.5x at T=4096, 4.7x / 3.5x at T=16384; chunk 2.4x /
-2.3x, 2.8x / 2.1x, 4.0x / 2.6x. No accelerator was available to measure the parallel forms where
+2.3x, 2.8x / 2.1x, 4.0x / 2.6x. With a batch (B=16, T=256, S=[128, 16];
+docs/results/bench_ssm_scans_batch16.json) the associative form ties forward+backward (1.02x)
+and is 1.3x slower forward. No accelerator was available to measure the parallel forms where
 they are meant to win.
 
 Any T >= 0 is accepted. Gradients are JAX autodiff of each form.

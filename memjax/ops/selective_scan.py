@@ -27,7 +27,9 @@ Forms (``impl``):
 Measured with ``scripts/bench.py`` (docs/results/bench_ssm_scans.json: float32, B=1, D=256,
 N=16, chunk 64, one run on a 2-core CPU; ratios of medians), forward / forward+backward time
 relative to the reference form: associative 6.2x / 1.8x at T=1024, 5.5x / 2.0x at T=4096 and
-6.0x / 1.9x at T=16384; chunk 25x / 18x, 21x / 18x, 24x / 16x.
+6.0x / 1.9x at T=16384; chunk 25x / 18x, 21x / 18x, 24x / 16x. With a batch
+(B=16, T=256, D=128; docs/results/bench_ssm_scans_batch16.json): associative 8.0x / 2.8x,
+chunk 48x / 25x.
 
 The sequential scan wins on CPU: each step touches only the ``[B, D, N]`` state, which stays in
 cache, while the associative form streams ``O(log T)`` passes over ``[B, T, D, N]`` arrays. The
