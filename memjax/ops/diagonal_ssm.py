@@ -34,7 +34,7 @@ C ``[H, P]``; log_dt ``[P]`` (one step per mode); D ``[H]``; the state is ``[B, 
 ``x_t = Lambda_bar x_{t-1} + B_bar u_t`` and ``y_t = 2 Re(C x_t) + D u_t`` (``conj_sym=False``:
 ``Re(C x_t) + D u_t``). Forms: ``"associative"`` (``linear_scan``), ``"chunk"`` (``linear_scan``
 blocked by ``chunk_size``), ``"reference"`` (``lax.scan``), ``"auto"`` (associative: at B=16, T=256,
-H=128, P=16 its forward+backward took 0.80x the reference form's time, in
+H=128, P=16 its forward+backward took 0.81x the reference form's time, in
 docs/results/bench_ssm_scans_batch16.json).
 
 Arithmetic is in ``promote_types(inputs, complex64)``: complex64 / float32 for float32 or
