@@ -3,7 +3,10 @@
 A row holds the run's mixer (with its non-default options), d_model, learning rate, parameter
 count, recurrent state size, steps, wall time and every scalar test metric: the accuracy of each
 test slice as a column named after the slice (`T256_K16`), the pooled accuracy as `accuracy`,
-and regression errors as `<slice> mse`.
+and regression errors as `<slice> mse`. Runs with MQAR's key-swap recall probe also get, right
+after `accuracy`, `probe_swapped` and `probe_original` (pooled accuracy against the swapped-in
+key's value and against the original value): recall shows as `probe_swapped` ~ `accuracy`, a
+learnt prior as `probe_original` ~ `accuracy` with `probe_swapped` near chance.
 
 Plots:
 - `accuracy_vs_state.png`: test accuracy against state size, one panel per test slice, one
@@ -35,6 +38,11 @@ def mixer_label(mixer: dict) -> str:
     return mixer["name"] + (f"({', '.join(changed)})" if changed else "")
 
 
+# Pooled key-swap recall probe metrics (MQAR) -> their columns, placed right after `accuracy`.
+PROBE_COLUMNS = {"probe/swapped_accuracy": "probe_swapped",
+                 "probe/original_accuracy": "probe_original"}
+
+
 def _metric_columns(result: dict) -> dict:
     columns = {}
     for key, value in result.items():
@@ -47,7 +55,24 @@ def _metric_columns(result: dict) -> dict:
             columns[name.replace("/", " ")] = value
         else:
             columns[name] = value
-    return columns
+    return _with_probe(columns, result)
+
+
+def _with_probe(columns: dict, result: dict) -> dict:
+    """`columns` with the pooled probe columns inserted after `accuracy`, when `result` has them.
+
+    Per-segment probe metrics stay in result.json; results without a probe (older runs, other
+    tasks) get no probe columns.
+    """
+    probe = {name: result[key] for key, name in PROBE_COLUMNS.items() if key in result}
+    if not probe:
+        return columns
+    out = {}
+    for name, value in columns.items():
+        out[name] = value
+        if name == "accuracy":
+            out |= probe
+    return out | probe  # no pooled accuracy column: the probe goes last
 
 
 def collect(sweep_dir) -> list[dict]:
@@ -71,7 +96,7 @@ def collect(sweep_dir) -> list[dict]:
 def accuracy_slices(rows: list[dict]) -> list[str]:
     """Names of the per-slice accuracy columns, in the order of the first row that has them."""
     fixed = {"run", "mixer", "d_model", "lr", "params", "state_bytes", "steps", "stopped",
-             "wall_s", "accuracy"}
+             "wall_s", "accuracy", *PROBE_COLUMNS.values()}
     names = []
     for row in rows:
         for key, value in row.items():

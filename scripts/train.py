@@ -27,6 +27,9 @@ def print_result(result: dict):
         if key.startswith("test/") and key.endswith(f"/{metric}") and key != f"test/{metric}":
             print(f"{key.split('/')[1]:<24}{value:.4f}")
     print(f"{'all (pooled)':<24}{result[f'test/{metric}']:.4f}")
+    if "probe/swapped_accuracy" in result:  # MQAR's key-swap recall probe (recall vs a prior)
+        print(f"{'key-swap probe':<24}swapped {result['probe/swapped_accuracy']:.4f} (recall: ~ "
+              f"accuracy), original {result['probe/original_accuracy']:.4f} (prior: ~ accuracy)")
     print(f"run: {result['workdir']}\ncheckpoints: {result['checkpoints']}")
 
 

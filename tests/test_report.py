@@ -1,9 +1,12 @@
 """Report helpers: the Pareto frontier, best learning rate per point, labels and length curves."""
 
+import json
+
 import pytest
 
-from memjax.report import (accuracy_by_length, accuracy_slices, best_per_point, markdown_table,
-                           mixer_label, pareto_front, plot_accuracy_vs_length, plot_accuracy_vs_state)
+from memjax.report import (accuracy_by_length, accuracy_slices, best_per_point, collect,
+                           markdown_table, mixer_label, pareto_front, plot_accuracy_vs_length,
+                           plot_accuracy_vs_state)
 
 
 def test_pareto_front_keeps_runs_not_beaten_by_a_smaller_state():
@@ -53,3 +56,28 @@ def test_pareto_front_is_sorted_and_monotone(points):
     front = pareto_front(points)
     assert [s for s, _ in front] == sorted(s for s, _ in front)
     assert all(a < b for (_, a), (_, b) in zip(front, front[1:]))
+
+
+def _write_run(directory, result):
+    directory.mkdir()
+    config = {"model": {"mixer": {"name": "attention"}, "d_model": 64}, "train": {"lr": 1e-3}}
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "result.json").write_text(json.dumps(
+        {"step": 10, "stopped": "steps", "num_params": 1, "state_size_bytes": 8, **result}))
+
+
+def test_probe_columns_follow_accuracy_and_old_results_still_render(tmp_path):
+    _write_run(tmp_path / "new", {"test/T64_K4/accuracy": 0.9, "test/accuracy": 0.9,
+                                  "probe/T64_K4/swapped_accuracy": 0.2,
+                                  "probe/T64_K4/original_accuracy": 0.85,
+                                  "probe/swapped_accuracy": 0.2, "probe/original_accuracy": 0.85})
+    _write_run(tmp_path / "old", {"test/T64_K4/accuracy": 0.5, "test/accuracy": 0.5})
+    new, old = collect(tmp_path)
+    assert list(new)[-4:] == ["T64_K4", "accuracy", "probe_swapped", "probe_original"]
+    assert (new["probe_swapped"], new["probe_original"]) == (0.2, 0.85)
+    assert "probe_swapped" not in old
+    assert accuracy_slices([new, old]) == ["T64_K4"]  # the probe is not a test slice
+    table = markdown_table([new, old])
+    assert "| accuracy | probe_swapped | probe_original |" in table
+    assert "| 0.9000 | 0.9000 | 0.2000 | 0.8500 |" in table
+    assert "| 0.5000 | 0.5000 | None | None |" in table

@@ -26,6 +26,11 @@ class TaskData:
     `loss = "mse"`: batches `{"inputs": float[B, T, input_dim], "targets": float[B, T, output_dim]}`
     plus an optional `"mask": float[B, T]` (1 = supervised, default all ones); scored by mean
     squared error, per slice and per position. The model's `input_dim`/`output_dim` must match.
+
+    `probe` (optional, classification only): slice name -> batches `{"inputs": int[B, T],
+    "swapped_labels": int[B, T], "original_labels": int[B, T]}`, scored by the trainer as
+    `probe/<slice>/swapped_accuracy` and `probe/<slice>/original_accuracy` beside the test
+    accuracy (MQAR's key-swap recall probe, `memjax.tasks.recall_probe`).
     """
 
     train: grain.IterDataset  # endless batches (see above); checkpointable iterator
@@ -34,6 +39,7 @@ class TaskData:
     input_dim: int = 0  # 0: int token inputs [B, T]; n > 0: float inputs [B, T, n]
     output_dim: int = 0  # 0: vocab logits; o > 0: float targets [B, T, o] (regression)
     loss: str = "cross_entropy"  # one of LOSSES
+    probe: dict[str, grain.MapDataset] | None = None  # slice name -> probe batches (see above)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -43,6 +49,8 @@ class TaskData:
                              "output_dim > 0, cross_entropy needs output_dim = 0")
         if self.input_dim < 0:
             raise ValueError(f"TaskData.input_dim must be >= 0, got {self.input_dim}")
+        if self.probe is not None and self.loss != "cross_entropy":
+            raise ValueError("TaskData.probe is scored by accuracy: it needs loss 'cross_entropy'")
 
 
 def parse_settings(cfg, key: str, parse: Callable[[tuple], object]) -> list:

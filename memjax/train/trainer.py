@@ -19,6 +19,7 @@ ignored for regression (there is no accuracy; training runs `train.steps` steps)
 """
 
 import contextlib
+import functools
 import json
 import math
 import signal
@@ -110,24 +111,55 @@ def _check_task_and_model(task, model):
                          f"model.output_dim = {task.output_dim}")
 
 
-def evaluate(eval_step, params, test_sets, eval_batch_size, sharding, loss="cross_entropy") -> dict:
+def evaluate(eval_step, params, test_sets, eval_batch_size, sharding, loss="cross_entropy",
+             probe_sets=None) -> dict:
     """Per-segment accuracy `test/<segment>/accuracy` and pooled `test/accuracy` (over examples).
+
+    With `probe_sets` (`TaskData.probe`, MQAR's key-swap recall probe): also, per probed segment,
+    `probe/<segment>/swapped_accuracy` (predictions scored against the swapped-in key's value) and
+    `probe/<segment>/original_accuracy` (against the value before the swap), and both pooled over
+    the probed examples as `probe/swapped_accuracy` and `probe/original_accuracy`. Recall shows as
+    swapped ~ test accuracy and original near chance; a model that ignores the key keeps original
+    ~ test accuracy. The probe calls the same `eval_step` on batches of the same shapes as the test
+    batches (no new compilation), once per label array: MQAR probes the first 250 of each
+    segment's 1000 test examples (`mqar.PROBE_EXAMPLES`), so evaluation costs about 1.5x.
 
     For `loss="mse"`, `evaluate_mse` instead.
     """
     if loss == "mse":
         return evaluate_mse(eval_step, params, test_sets, eval_batch_size, sharding)
-    results, total, count = {}, 0.0, 0
-    for name, batches in test_sets.items():
-        seg_total, seg_count = 0.0, 0
+    score = functools.partial(_accuracies, eval_step, params, eval_batch_size=eval_batch_size,
+                              sharding=sharding)
+    results = score(test_sets, "test", {"labels": "accuracy"})
+    if probe_sets:
+        results |= score(probe_sets, "probe", {"swapped_labels": "swapped_accuracy",
+                                               "original_labels": "original_accuracy"})
+    return results
+
+
+def _accuracies(eval_step, params, datasets, prefix, metrics, *, eval_batch_size, sharding) -> dict:
+    """Zoology accuracy of `datasets` (slice name -> batches) against each label array of `metrics`.
+
+    `metrics` maps a label key of the batches (`int[B, T]`, beside `"inputs"`) to a metric name;
+    returns `<prefix>/<slice>/<name>` per slice, then `<prefix>/<name>` pooled over all examples.
+    Each batch is read once and scored against every label array.
+    """
+    results, pooled = {}, {key: [0.0, 0] for key in metrics}
+    for slice_name, batches in datasets.items():
+        sums = {key: [0.0, 0] for key in metrics}
         for i in range(len(batches)):
-            batch = pad_rows(prepare_batch(batches[i], loss), eval_batch_size)
-            acc_sum, n = eval_step(params, jax.device_put(batch, sharding))
-            seg_total += float(acc_sum)
-            seg_count += int(n)
-        results[f"test/{name}/accuracy"] = seg_total / max(seg_count, 1)
-        total, count = total + seg_total, count + seg_count
-    results["test/accuracy"] = total / max(count, 1)
+            raw = batches[i]
+            for key in metrics:
+                batch = {"inputs": raw["inputs"], "labels": raw[key]}
+                batch = pad_rows(prepare_batch(batch, "cross_entropy"), eval_batch_size)
+                acc_sum, n = eval_step(params, jax.device_put(batch, sharding))
+                sums[key][0] += float(acc_sum)
+                sums[key][1] += int(n)
+        for key, name in metrics.items():
+            results[f"{prefix}/{slice_name}/{name}"] = sums[key][0] / max(sums[key][1], 1)
+            pooled[key] = [pooled[key][0] + sums[key][0], pooled[key][1] + sums[key][1]]
+    for key, name in metrics.items():
+        results[f"{prefix}/{name}"] = pooled[key][0] / max(pooled[key][1], 1)
     return results
 
 
@@ -250,7 +282,7 @@ def train(config, workdir, hooks=()) -> dict:
                 bar.update(1)
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     test_metrics = evaluate(eval_step, state.params, task.test, config.task.eval_batch_size,
-                                            batch_sharding, task.loss)
+                                            batch_sharding, task.loss, task.probe)
                     writer.write(step, _scalars(test_metrics))
                     # Early stopping is for classification only (regression has no accuracy).
                     if (cfg.target_accuracy and task.loss == "cross_entropy"
@@ -270,7 +302,7 @@ def train(config, workdir, hooks=()) -> dict:
         checkpoints.close()
     if not test_metrics:  # resumed at the final step, which was saved but not evaluated yet
         test_metrics = evaluate(eval_step, state.params, task.test, config.task.eval_batch_size,
-                                batch_sharding, task.loss)
+                                batch_sharding, task.loss, task.probe)
     result = {"step": step, "stopped": stopped, "num_params": int(num_params),
               "state_size_bytes": int(model.state_size(task.sample_length)),
               "workdir": str(workdir), "checkpoints": str(checkpoints.directory), **test_metrics}

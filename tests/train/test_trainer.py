@@ -117,6 +117,16 @@ def test_result_reports_per_segment_accuracy_and_state_size(uninterrupted):
     assert result["state_size_bytes"] == layers * (2 * d * 16 * 4 + (conv - 1) * d * 4)
 
 
+def test_recall_probe_is_logged_beside_test_accuracy(uninterrupted):
+    workdir, result = uninterrupted
+    probe = {"probe/T16_K2/swapped_accuracy", "probe/T16_K2/original_accuracy",
+             "probe/T32_K4/swapped_accuracy", "probe/T32_K4/original_accuracy",
+             "probe/swapped_accuracy", "probe/original_accuracy"}
+    assert set(result) >= probe and all(0 <= result[k] <= 1 for k in probe)
+    evaluations = [r for r in read_metrics(workdir) if "test/accuracy" in r]
+    assert len(evaluations) == 2 and all(set(r) >= probe for r in evaluations)
+
+
 def snapshot(directory):
     return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.stat().st_size)
             for p in directory.rglob("*") if p.is_file()}
