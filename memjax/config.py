@@ -65,6 +65,9 @@ def load_config(spec: str, overrides: dict | None = None) -> ml_collections.Conf
 # Presets that are a registered mixer with some options changed (`model=<preset>` in configs).
 MIXER_PRESETS = {
     "sliding_window": ("attention", {"window": 16}),
+    # Based as published for language modelling: Taylor linear attention plus a 64-token softmax
+    # window (`based` alone is the no-window Based of Zoology's MQAR figures).
+    "based_lm": ("based", {"window": 64}),
     # Delta rule with beta in (0, 2): state-transition eigenvalues in (-1, 1], needed for parity.
     "deltanet_neg": ("deltanet", {"allow_neg_eigval": True}),
     "gated_deltanet_neg": ("gated_deltanet", {"allow_neg_eigval": True}),
@@ -104,6 +107,7 @@ def lm_config(vocab_size, d_model: int, model: str, num_layers: int = 2) -> ml_c
     model_cfg.pos_emb = "none"
     model_cfg.max_len = 0
     model_cfg.tie_embeddings = True
+    model_cfg.init = "reference"  # memjax.layers.initializers: "reference" or "flax" (ablation)
     return model_cfg
 
 
@@ -115,6 +119,8 @@ def train_config(steps: int = 3_000, lr: float = 3e-3) -> ml_collections.ConfigD
     train.lr = lr
     train.warmup_steps = 100
     train.weight_decay = 0.1
+    # Parameter classes without weight decay (memjax.layers.initializers.PARAMETER_CLASSES).
+    train.weight_decay_exempt = "bias,norm,dynamics"
     train.b1 = 0.9
     train.b2 = 0.98
     train.grad_clip = 1.0

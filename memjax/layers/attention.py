@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from memjax.layers.heads import FLOAT32_BYTES, head_dim
+from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 from memjax.ops.attention import softmax_attention
 
@@ -26,9 +27,9 @@ class Attention(nn.Module):
     def __call__(self, x, cache=None):
         batch, seq_len, _ = x.shape
         width = head_dim(self.d_model, self.num_heads)
-        qkv = nn.Dense(3 * self.d_model, use_bias=False, name="qkv")(x)
+        qkv = initializers.dense(3 * self.d_model, name="qkv")(x)
         q, k, v = jnp.split(qkv.reshape(batch, seq_len, self.num_heads, 3 * width), 3, axis=-1)
-        out = nn.Dense(self.d_model, use_bias=False, name="out")
+        out = initializers.dense_out(self.d_model, name="out")
         if cache is None:
             o = softmax_attention(q, k, v, window=self.window or None)
             return out(o.reshape(batch, seq_len, -1))

@@ -3,6 +3,8 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
+from memjax.layers import initializers
+
 
 class ShortConv(nn.Module):
     """`y_t = sum_{i<kernel_size} w_i * x_{t-i} + b` per channel; input and output `[B, T, D]`.
@@ -18,7 +20,7 @@ class ShortConv(nn.Module):
     @nn.compact
     def __call__(self, x, cache=None):
         channels, seq_len, width = x.shape[-1], x.shape[1], self.kernel_size - 1
-        weight = self.param("weight", nn.initializers.normal(self.kernel_size**-0.5),
+        weight = self.param("weight", initializers.conv(),
                             (self.kernel_size, channels))
         bias = self.param("bias", nn.initializers.zeros, (channels,))
         history = jnp.zeros((x.shape[0], width, channels), x.dtype) if cache is None else cache

@@ -8,6 +8,7 @@ from memjax.layers.conv import ShortConv
 from memjax.layers.heads import (FLOAT32_BYTES, head_dim, l2_normalize, merge_heads, run_recurrent,
                                  split_heads)
 from memjax.layers.initializers import dt_bias_init
+from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 from memjax.ops import delta_rule, delta_rule_step
 
@@ -41,7 +42,7 @@ class DeltaNet(nn.Module):
         new_cache = {}
         streams = {}
         for name in ("q", "k", "v"):
-            h = nn.Dense(self.d_model, use_bias=False, name=name)(x)
+            h = initializers.dense(self.d_model, name=name)(x)
             conv = ShortConv(self.conv_size, name=f"conv_{name}")
             if cache is None:
                 h = conv(h)
@@ -49,7 +50,8 @@ class DeltaNet(nn.Module):
                 h, new_cache[f"conv_{name}"] = conv(h, cache[f"conv_{name}"])
             streams[name] = split_heads(nn.silu(h), heads)
         q, k = l2_normalize(streams["q"]), l2_normalize(streams["k"])
-        beta = jax.nn.sigmoid(nn.Dense(heads, name="beta")(x).astype(jnp.float32))
+        beta = initializers.dense(heads, name="beta", bias=True)(x)
+        beta = jax.nn.sigmoid(beta.astype(jnp.float32))
         if self.allow_neg_eigval:
             beta = 2.0 * beta
         inputs = {"q": q, "k": k, "v": streams["v"], "beta": beta}
@@ -60,8 +62,8 @@ class DeltaNet(nn.Module):
         o = nn.RMSNorm(name="head_norm")(o)
         o = merge_heads(o)
         if self.gated:
-            o = o * nn.silu(nn.Dense(self.d_model, use_bias=False, name="gate")(x))
-        y = nn.Dense(self.d_model, use_bias=False, name="out")(o)
+            o = o * nn.silu(initializers.dense(self.d_model, name="gate")(x))
+        y = initializers.dense_out(self.d_model, name="out")(o)
         if cache is None:
             return y
         return y, new_cache | {"state": state}
@@ -71,7 +73,7 @@ class DeltaNet(nn.Module):
         heads = self.num_heads
         a_log = self.param("A_log", lambda key: jnp.log(jax.random.uniform(key, (heads,), minval=1.0, maxval=16.0)))
         dt_bias = self.param("dt_bias", dt_bias_init(1e-3, 0.1), (heads,))
-        pre = nn.Dense(heads, use_bias=False, name="a")(x).astype(jnp.float32) + dt_bias
+        pre = initializers.dense(heads, name="a")(x).astype(jnp.float32) + dt_bias
         return -jnp.exp(a_log) * jax.nn.softplus(pre)
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:

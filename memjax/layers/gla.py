@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from memjax.layers.heads import FLOAT32_BYTES, head_dim, merge_heads, run_recurrent, split_heads
+from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 from memjax.ops import linear_attention, linear_attention_step
 
@@ -31,18 +32,19 @@ class GatedLinearAttention(nn.Module):
     @nn.compact
     def __call__(self, x, cache=None):
         heads, key_width = self.num_heads, self._key_width()
-        q = split_heads(nn.Dense(key_width * heads, use_bias=False, name="q")(x), heads)
-        k = split_heads(nn.Dense(key_width * heads, use_bias=False, name="k")(x), heads)
-        v = split_heads(nn.Dense(self.d_model, use_bias=False, name="v")(x), heads)
-        gate = nn.Dense(self.gate_rank, use_bias=False, name="gate_down")(x)
-        gate = nn.Dense(key_width * heads, name="gate_up")(gate).astype(jnp.float32)
+        q = split_heads(initializers.dense(key_width * heads, name="q")(x), heads)
+        k = split_heads(initializers.dense(key_width * heads, name="k")(x), heads)
+        v = split_heads(initializers.dense(self.d_model, name="v")(x), heads)
+        gate = initializers.dense(self.gate_rank, name="gate_down")(x)
+        gate = initializers.dense(key_width * heads, name="gate_up", bias=True)(gate)
+        gate = gate.astype(jnp.float32)
         g = split_heads(jax.nn.log_sigmoid(gate) / self.gate_normalizer, heads)
         o, state = run_recurrent(
             linear_attention, linear_attention_step, None if cache is None else cache["state"],
             {"impl": self.impl, "chunk_size": self.chunk_size}, q=q, k=k, v=v, g=g)
         o = merge_heads(nn.RMSNorm(name="head_norm")(o))
-        o = o * nn.silu(nn.Dense(self.d_model, use_bias=False, name="out_gate")(x))
-        y = nn.Dense(self.d_model, use_bias=False, name="out")(o)
+        o = o * nn.silu(initializers.dense(self.d_model, name="out_gate")(x))
+        y = initializers.dense_out(self.d_model, name="out")(o)
         return y if cache is None else (y, {"state": state})
 
     def _key_width(self) -> int:

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from memjax import hippo
 from memjax.layers.heads import FLOAT32_BYTES
+from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 
 POSITION_BYTES = 4  # the int32 position counter LegS's time-varying step needs
@@ -122,7 +123,7 @@ class HiPPORNN(nn.Module):
         scan = nn.scan(_HiPPOCell, variable_broadcast="params", split_rngs={"params": False},
                        in_axes=1, out_axes=1)
         carry, features = scan(self.hidden, options, name="cell")(carry, x.astype(jnp.float32))
-        y = nn.Dense(self.d_model, name="out")(features).astype(x.dtype)
+        y = initializers.dense_out(self.d_model, name="out", bias=True)(features).astype(x.dtype)
         if cache is None:
             return y
         return y, {"h": carry[0], "c": carry[1], "position": carry[2]}

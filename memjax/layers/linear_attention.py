@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from memjax.layers.heads import FLOAT32_BYTES, head_dim, run_recurrent
+from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 from memjax.ops import linear_attention, linear_attention_step
 
@@ -27,13 +28,13 @@ class LinearAttention(nn.Module):
     def __call__(self, x, cache=None):
         batch, seq_len, _ = x.shape
         width = head_dim(self.d_model, self.num_heads)
-        qkv = nn.Dense(3 * self.d_model, use_bias=False, name="qkv")(x)
+        qkv = initializers.dense(3 * self.d_model, name="qkv")(x)
         q, k, v = jnp.split(qkv.reshape(batch, seq_len, self.num_heads, 3 * width), 3, axis=-1)
         o, state = run_recurrent(
             linear_attention, linear_attention_step, None if cache is None else cache["state"],
             {"impl": self.impl, "chunk_size": self.chunk_size}, q=q, k=k, v=v)
         o = nn.RMSNorm(name="head_norm")(o).reshape(batch, seq_len, self.d_model)
-        y = nn.Dense(self.d_model, use_bias=False, name="out")(o)
+        y = initializers.dense_out(self.d_model, name="out")(o)
         return y if cache is None else (y, {"state": state})
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:

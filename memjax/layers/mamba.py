@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from memjax.layers.conv import ShortConv
 from memjax.layers.heads import FLOAT32_BYTES
 from memjax.layers.initializers import dt_bias_init
+from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 from memjax.ops import selective_scan, selective_scan_step
 
@@ -16,15 +17,6 @@ INITIALIZATIONS = ("default", "mimetic")
 # Mimetic init multiplies the default decay rates -A by this (A_log shifted by log 0.01), so that
 # with dt <= 0.1 every per-token decay exp(dt A) starts above exp(-0.1 * 0.16) ~ 0.984 (N = 16).
 MIMETIC_A_SCALE = 1e-2
-
-
-def symmetric_uniform(bound: float):
-    """Initializer uniform in ``[-bound, bound]`` (Mamba's dt projection uses ``bound = R^-0.5``)."""
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 def check_initialization(value: str) -> None:
@@ -104,7 +96,7 @@ class Mamba(nn.Module):
     def __call__(self, x, cache=None):
         self._check_options()
         E, N, R = self._inner(), self.state_dim, self._dt_rank()
-        u, z = jnp.split(nn.Dense(2 * E, use_bias=False, name="in_proj")(x), 2, axis=-1)
+        u, z = jnp.split(initializers.dense(2 * E, name="in_proj")(x), 2, axis=-1)
         conv = ShortConv(self.conv_size, name="conv")
         new_cache = {}
         if cache is None:
@@ -113,12 +105,12 @@ class Mamba(nn.Module):
             u, new_cache["conv"] = conv(u, cache["conv"])
         u = nn.silu(u)
 
-        x_init = nn.initializers.lecun_normal()
+        x_init = initializers.projection()
         if self.initialization == "mimetic":
             x_init = tie_columns(x_init, slice(R, R + N), slice(R + N, R + 2 * N))
         proj = nn.Dense(R + 2 * N, use_bias=False, kernel_init=x_init, name="x_proj")(u)
         dt_low, Bm, Cm = (proj[..., :R], proj[..., R : R + N], proj[..., R + N :])
-        dt = nn.Dense(E, kernel_init=symmetric_uniform(R**-0.5),
+        dt = nn.Dense(E, kernel_init=initializers.symmetric_uniform(R**-0.5),
                       bias_init=dt_bias_init(self.dt_min, self.dt_max), name="dt_proj")(dt_low)
         dt = jax.nn.softplus(dt.astype(jnp.float32))
         Bm, Cm = Bm.astype(jnp.float32), Cm.astype(jnp.float32)
@@ -139,7 +131,7 @@ class Mamba(nn.Module):
         if self.polarized:  # the a_t = 0 index: its state is dt_t Bm_t[1] u_t, read by Cm_t[1]
             y = y + (Cm[..., 1:2] * Bm[..., 1:2] * dt * u).astype(y.dtype)
         self.sow("intermediates", "ssm_io", {"u": u, "dt": dt, "Bm": Bm, "Cm": Cm, "y": y})
-        out = nn.Dense(self.d_model, use_bias=False, name="out_proj")(y * nn.silu(z))
+        out = initializers.dense_out(self.d_model, name="out_proj")(y * nn.silu(z))
         if cache is None:
             return out
         return out, new_cache | {"ssm": state}

@@ -8,6 +8,7 @@ from memjax.layers.conv import ShortConv
 from memjax.layers.heads import FLOAT32_BYTES, merge_heads, split_heads
 from memjax.layers.initializers import dt_bias_init
 from memjax.layers.mamba import MIMETIC_A_SCALE, check_initialization, tie_columns
+from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 from memjax.ops import ssd, ssd_step
 
@@ -67,7 +68,7 @@ class Mamba2(nn.Module):
         self._check_options()
         E, N, H = self._inner(), self.state_dim, self._heads()
         mimetic = self.initialization == "mimetic"
-        in_init = nn.initializers.lecun_normal()
+        in_init = initializers.projection()
         if mimetic:
             in_init = tie_columns(in_init, slice(2 * E, 2 * E + N), slice(2 * E + N, 2 * E + 2 * N))
         proj = nn.Dense(2 * E + 2 * N + H, use_bias=False, kernel_init=in_init, name="in_proj")(x)
@@ -114,7 +115,7 @@ class Mamba2(nn.Module):
         self.sow("intermediates", "ssm_io", {"x": xs, "dt": dt, "Bm": Bm, "Cm": Cm, "y": y})
         y = merge_heads(y)
         y = nn.RMSNorm(name="norm")(y * nn.silu(z))
-        out = nn.Dense(self.d_model, use_bias=False, name="out_proj")(y)
+        out = initializers.dense_out(self.d_model, name="out_proj")(y)
         if cache is None:
             return out
         return out, new_cache | {"ssm": state}

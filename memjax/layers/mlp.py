@@ -2,6 +2,8 @@
 
 import flax.linen as nn
 
+from memjax.layers import initializers
+
 
 class GatedMLP(nn.Module):
     """`y = W_down (silu(W_gate x) * W_up x)`; input and output `[..., d_model]`."""
@@ -11,6 +13,6 @@ class GatedMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        gate = nn.Dense(self.hidden, use_bias=False, name="gate")(x)
-        up = nn.Dense(self.hidden, use_bias=False, name="up")(x)
-        return nn.Dense(self.d_model, use_bias=False, name="down")(nn.silu(gate) * up)
+        gate = initializers.dense(self.hidden, name="gate")(x)
+        up = initializers.dense(self.hidden, name="up")(x)
+        return initializers.dense_out(self.d_model, name="down")(nn.silu(gate) * up)

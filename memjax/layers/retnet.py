@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memjax.layers.heads import FLOAT32_BYTES, head_dim, merge_heads, run_recurrent, split_heads
+from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 from memjax.ops import linear_attention, linear_attention_step
 
@@ -33,7 +34,7 @@ class Retention(nn.Module):
         batch, seq_len, _ = x.shape
         heads = self.num_heads
         head_dim(self.d_model, heads)
-        q, k, v = (split_heads(nn.Dense(self.d_model, use_bias=False, name=n)(x), heads)
+        q, k, v = (split_heads(initializers.dense(self.d_model, name=n)(x), heads)
                    for n in ("q", "k", "v"))
         g = jnp.broadcast_to(jnp.asarray(retention_log_decays(heads), jnp.float32),
                              (batch, seq_len, heads))
@@ -41,8 +42,8 @@ class Retention(nn.Module):
             linear_attention, linear_attention_step, None if cache is None else cache["state"],
             {"impl": self.impl, "chunk_size": self.chunk_size}, q=q, k=k, v=v, g=g)
         o = merge_heads(nn.RMSNorm(name="head_norm")(o))
-        gate = nn.silu(nn.Dense(self.d_model, use_bias=False, name="gate")(x))
-        y = nn.Dense(self.d_model, use_bias=False, name="out")(o * gate)
+        gate = nn.silu(initializers.dense(self.d_model, name="gate")(x))
+        y = initializers.dense_out(self.d_model, name="out")(o * gate)
         return y if cache is None else (y, {"state": state})
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:

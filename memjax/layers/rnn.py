@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from memjax.layers.heads import FLOAT32_BYTES
+from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 
 
@@ -36,7 +37,7 @@ class LSTM(nn.Module):
         state = self.init_cache(x.shape[0], x.shape[1]) if cache is None else cache
         (c, h), hs = _scan(nn.OptimizedLSTMCell, self.hidden, (state["c"], state["h"]),
                            x.astype(jnp.float32))
-        y = nn.Dense(self.d_model, name="out")(hs).astype(x.dtype)
+        y = initializers.dense_out(self.d_model, name="out", bias=True)(hs).astype(x.dtype)
         return y if cache is None else (y, {"c": c, "h": h})
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
@@ -64,7 +65,7 @@ class GRU(nn.Module):
         _check_input("gru", x, self.d_model)
         state = self.init_cache(x.shape[0], x.shape[1]) if cache is None else cache
         h, hs = _scan(nn.GRUCell, self.hidden, state["h"], x.astype(jnp.float32))
-        y = nn.Dense(self.d_model, name="out")(hs).astype(x.dtype)
+        y = initializers.dense_out(self.d_model, name="out", bias=True)(hs).astype(x.dtype)
         return y if cache is None else (y, {"h": h})
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from memjax.layers.heads import FLOAT32_BYTES, head_dim, l2_normalize, merge_heads, run_recurrent, split_heads
+from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 from memjax.ops import generalized_delta_rule, generalized_delta_rule_step
 
@@ -56,9 +57,9 @@ class RWKV7TimeMix(nn.Module):
         mixes = self.param("token_shift", nn.initializers.uniform(1.0), (6, d))
         x_r, x_w, x_k, x_v, x_a, x_g = (x + (shifted - x) * mixes[i] for i in range(6))
 
-        r = split_heads(nn.Dense(d, use_bias=False, name="r")(x_r), heads)
-        k = nn.Dense(d, use_bias=False, name="k")(x_k)
-        v = split_heads(nn.Dense(d, use_bias=False, name="v")(x_v), heads)
+        r = split_heads(initializers.dense(d, name="r")(x_r), heads)
+        k = initializers.dense(d, name="k")(x_k)
+        v = split_heads(initializers.dense(d, name="v")(x_v), heads)
         w0 = self.param("w0", nn.initializers.normal(0.5), (d,))
         log_w = -_MAX_LOG_DECAY * jax.nn.sigmoid(w0 + LowRank(d, self.low_rank, name="w_lora")(x_w))
         a0 = self.param("a0", nn.initializers.zeros, (d,))
@@ -76,7 +77,7 @@ class RWKV7TimeMix(nn.Module):
         r_k = self.param("r_k", nn.initializers.normal(0.1), (heads, d // heads))
         bonus = jnp.sum(r * k * r_k, axis=-1, keepdims=True) * v
         gate = LowRank(d, self.low_rank, "sigmoid", name="g_lora")(x_g)
-        y = nn.Dense(d, use_bias=False, name="out")((o + merge_heads(bonus)) * gate)
+        y = initializers.dense_out(d, name="out")((o + merge_heads(bonus)) * gate)
         if cache is None:
             return y
         return y, {"state": state, "shift": x[:, -1].astype(jnp.float32)}

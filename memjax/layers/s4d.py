@@ -7,6 +7,7 @@ import numpy as np
 
 from memjax.hippo import nplr
 from memjax.layers.heads import FLOAT32_BYTES
+from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 from memjax.ops import s4d, s4d_step
 
@@ -80,7 +81,7 @@ def log_dt_init(shape: tuple, dt_min: float = 1e-3, dt_max: float = 1e-1):
 def gelu_glu_output(y, d_model: int):
     """S4's output stage: GELU, then a linear map to 2 d_model and a GLU, ``a * sigmoid(b)``."""
     y = nn.gelu(y)
-    a, b = jnp.split(nn.Dense(2 * d_model, name="out")(y), 2, axis=-1)
+    a, b = jnp.split(initializers.dense_out(2 * d_model, name="out", bias=True)(y), 2, axis=-1)
     return a * jax.nn.sigmoid(b)
 
 

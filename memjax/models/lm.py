@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memjax.layers import GatedMLP, ShortConv, build_mixer
+from memjax.layers import GatedMLP, ShortConv, build_mixer, initializers
 from memjax.models.registry import MODELS
 
 FLOAT32_BYTES = 4
@@ -79,6 +79,10 @@ class LanguageModel(nn.Module):
       `output_dim = o > 0`: a Dense regression head `head` (with bias) of width o: `[B, T, o]`.
     Token models (both 0) have exactly the parameters, outputs and cache they had before these
     options existed. Prefill-then-decode works the same for float inputs (`[B, t, n]` chunks).
+
+    `init_scheme` (`config.model.init`): how every layer initialises its parameters,
+    `"reference"` (normal(0.02), output projections 0.02 / sqrt(2 num_layers)) or `"flax"`;
+    see `memjax.layers.initializers`.
     """
 
     vocab_size: int
@@ -93,23 +97,30 @@ class LanguageModel(nn.Module):
     tie_embeddings: bool = True
     input_dim: int = 0
     output_dim: int = 0
+    init_scheme: str = "reference"
 
     @nn.compact
     def __call__(self, tokens, positions=None, cache=None):
+        # Every initialiser the layers call while `init` runs follows the configured scheme.
+        with initializers.init_scheme(self.init_scheme, self.num_layers):
+            return self._forward(tokens, positions, cache)
+
+    def _forward(self, tokens, positions, cache):
         self._check_io(tokens)
         embed = None
         if not self.input_dim or (not self.output_dim and self.tie_embeddings):
             embed = nn.Embed(self.vocab_size, self.d_model,
-                             embedding_init=nn.initializers.normal(0.02), name="embed")
+                             embedding_init=initializers.embedding(), name="embed")
         if self.input_dim:
-            x = nn.Dense(self.d_model, name="input_proj")(tokens.astype(jnp.float32))
+            x = initializers.dense(self.d_model, name="input_proj", bias=True)(
+                tokens.astype(jnp.float32))
         else:
             x = embed(tokens)
         if self.pos_emb == "learned":
             if tokens.shape[1] > self.max_len:
                 raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len {self.max_len}"
                                  " of the learned position embedding")
-            table = self.param("pos_embed", nn.initializers.normal(0.02), (self.max_len, self.d_model))
+            table = self.param("pos_embed", initializers.embedding(), (self.max_len, self.d_model))
             start = 0 if cache is None else cache["length"]
             x = x + jax.lax.dynamic_slice_in_dim(table, start, tokens.shape[1])
         elif self.pos_emb != "none":
@@ -127,11 +138,11 @@ class LanguageModel(nn.Module):
         if positions is not None:
             x = jnp.take_along_axis(x, positions[..., None], axis=1)
         if self.output_dim:
-            logits = nn.Dense(self.output_dim, name="head")(x)
+            logits = initializers.dense(self.output_dim, name="head", bias=True)(x)
         elif self.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = nn.Dense(self.vocab_size, use_bias=False, name="lm_head")(x)
+            logits = initializers.dense(self.vocab_size, name="lm_head")(x)
         if cache is None:
             return logits
         return logits, {"length": cache["length"] + tokens.shape[1], "blocks": block_caches}

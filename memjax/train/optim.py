@@ -1,7 +1,18 @@
-"""Optimizers by name, each with linear warm-up, cosine decay to zero and global-norm clipping."""
+"""Optimizers by name, each with linear warm-up, cosine decay to zero and global-norm clipping.
 
+Weight decay is decoupled (AdamW's `p <- p - lr_t * weight_decay * p`) and applied only to the
+parameter classes not listed in `train.weight_decay_exempt` (classes:
+`memjax.layers.initializers.parameter_class`; by default biases, norms and the memories'
+dynamics parameters such as A_log and dt_bias are exempt, as in the peer codebases).
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
 import optax
 
+from memjax.layers.initializers import PARAMETER_CLASSES, classify
 from memjax.registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
@@ -15,20 +26,56 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
         init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.steps)
 
 
+def exempt_classes(cfg) -> frozenset[str]:
+    """The parameter classes named in `cfg.weight_decay_exempt` (comma-separated), checked."""
+    names = frozenset(filter(None, (s.strip() for s in cfg.weight_decay_exempt.split(","))))
+    unknown = names - set(PARAMETER_CLASSES)
+    if unknown:
+        raise ValueError(f"train.weight_decay_exempt names unknown parameter classes "
+                         f"{sorted(unknown)}; known: {', '.join(PARAMETER_CLASSES)}")
+    return names
+
+
+def decay_mask(exempt: frozenset[str]):
+    """`params -> tree of bools`: True where weight decay applies (class not in `exempt`)."""
+    return lambda params: jax.tree.map(lambda c: c not in exempt, classify(params))
+
+
+class _DecayState(NamedTuple):
+    count: jax.Array
+
+
+def decoupled_weight_decay(schedule, weight_decay: float, mask) -> optax.GradientTransformation:
+    """Adds `-schedule(t) * weight_decay * p` to the (already scaled) update where `mask` holds."""
+
+    def init(params):
+        del params
+        return _DecayState(jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params):
+        rate = schedule(state.count) * weight_decay
+        updates = jax.tree.map(lambda u, p, m: u - rate * p if m else u, updates, params, mask(params))
+        return updates, _DecayState(state.count + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
 @OPTIMIZERS.register("adamw")
 def adamw(cfg, schedule):
-    return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    return optax.adam(schedule, b1=cfg.b1, b2=cfg.b2)
 
 
 @OPTIMIZERS.register("muon")
 def muon(cfg, schedule):
-    """Muon on matrix parameters (orthogonalised momentum), AdamW on the rest (optax.contrib)."""
-    return optax.contrib.muon(schedule, adam_b1=cfg.b1, adam_b2=cfg.b2,
-                              weight_decay=cfg.weight_decay, adam_weight_decay=cfg.weight_decay)
+    """Muon on matrix parameters (orthogonalised momentum), Adam on the rest (optax.contrib)."""
+    return optax.contrib.muon(schedule, adam_b1=cfg.b1, adam_b2=cfg.b2)
 
 
 def build_optimizer(cfg) -> optax.GradientTransformation:
-    """The optimizer `cfg.optimizer` from the `train` config, preceded by gradient clipping."""
+    """`cfg.optimizer` from the `train` config: clipping, the update, then masked weight decay."""
     schedule = learning_rate_schedule(cfg)
     clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity()
-    return optax.chain(clip, OPTIMIZERS.get(cfg.optimizer)(cfg, schedule))
+    decay = optax.identity()
+    if cfg.weight_decay:
+        decay = decoupled_weight_decay(schedule, cfg.weight_decay, decay_mask(exempt_classes(cfg)))
+    return optax.chain(clip, OPTIMIZERS.get(cfg.optimizer)(cfg, schedule), decay)
