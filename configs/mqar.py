@@ -15,8 +15,10 @@ fresh clone, early stop at step 750 with test accuracy 0.996. Other mixers and s
 Arguments after `:` (comma-separated): `model=<mixer>` (a registered mixer or a preset below),
 `d_model=<int>`, `T=<int>` and `pairs=<int>`, `mixture=` (`single`: train and test on (T, pairs)
 only; `ladder`: train on (T, pairs), (T/2, pairs/2), ... down to T=64 and test on each, which
-converges in far fewer steps; `zoology`: Zoology's full training mixture and its seven test
-segments, ignoring T and pairs), `smoke` (a tiny, fast run for tests).
+converges in far fewer steps; `t64`: Zoology's three T=64 test segments (4, 8 and 16 pairs),
+trained on the same three settings, a CPU-sized cut of Zoology; `zoology`: Zoology's full
+training mixture and its seven test segments, ignoring T and pairs), `smoke` (a tiny, fast run
+for tests).
 """
 
 import dataclasses
@@ -61,13 +63,17 @@ def get_config(arg=None):
     elif arg["mixture"] == "ladder":
         config.task.train_segments = ladder_segments(arg["T"], arg["pairs"])
         config.task.test_segments = tuple((t, k, 1_000) for t, k, _ in config.task.train_segments)
+    elif arg["mixture"] == "t64":
+        config.task.train_segments = ((64, 4, 100_000), (64, 8, 20_000), (64, 16, 20_000))
+        config.task.test_segments = ((64, 4, 1_000), (64, 8, 1_000), (64, 16, 1_000))
     elif arg["mixture"] == "zoology":
         config.task.train_segments = tuple(dataclasses.astuple(s) for s in zoology_train_segments())
         config.task.test_segments = tuple(dataclasses.astuple(s) for s in zoology_test_segments())
     else:
-        raise ValueError(f"unknown mixture {arg['mixture']!r}; known: single, ladder, zoology")
+        raise ValueError(f"unknown mixture {arg['mixture']!r}; known: single, ladder, t64, zoology")
     config.task.power_a = 0.01
     config.task.random_filler = True
+    config.task.train_order = "shuffled"  # or "segments": Zoology's segment-by-segment epochs
     config.task.batch_size = 256
     config.task.eval_batch_size = 250
 

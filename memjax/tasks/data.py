@@ -124,6 +124,9 @@ def slice_seeds(master_seed: int, num_slices: int, split: str) -> list[int]:
     return seeds
 
 
+TRAIN_ORDERS = ("shuffled", "segments")
+
+
 def _shuffle_seed(master_seed: int) -> int:
     return int(np.random.SeedSequence([master_seed, _SHUFFLE_CODE]).generate_state(1, np.uint32)[0])
 
@@ -161,7 +164,8 @@ def batches_per_epoch(slices: Sequence[Slice], batch_size: int) -> int:
 
 
 def train_dataset(
-    slices: Sequence[Slice], batch_size: int, seed: int, *, prefetch: int = 0
+    slices: Sequence[Slice], batch_size: int, seed: int, *, prefetch: int = 0,
+    order: str = "shuffled",
 ) -> grain.IterDataset:
     """Endless training batches, each from one slice.
 
@@ -178,6 +182,10 @@ def train_dataset(
     Args:
       prefetch: batches to prepare ahead in one background thread; 0 (default) generates each
         batch synchronously in ``next()``. Either way the batches and states are identical.
+      order: ``"shuffled"`` (default): each epoch's batches in one order shuffled over all slices.
+        ``"segments"``: Zoology's loader order, every epoch the slices one after another in the
+        given order, each slice's batches shuffled within it (one permutation per slice, the same
+        every epoch), so the curriculum of easy-to-hard segments repeats each epoch.
 
     Raises:
       ValueError: no slices, or a slice with fewer examples than ``batch_size`` (it would
@@ -193,12 +201,19 @@ def train_dataset(
         if s.num_examples < batch_size:
             raise ValueError(f"slice {s.name} has num_examples={s.num_examples} < "
                              f"batch_size={batch_size}; it would contribute no batch")
+    if order not in TRAIN_ORDERS:
+        raise ValueError(f"unknown training order {order!r}; known: {', '.join(TRAIN_ORDERS)}")
     seeds = slice_seeds(seed, len(slices), "train")
-    epoch = grain.MapDataset.concatenate(
-        [_batched(s, sd, batch_size, True) for s, sd in zip(slices, seeds)])
-    # shuffle() permutes within each epoch of length len(epoch) and derives the permutation from
-    # seed + epoch number; repeat(None) feeds it indices across epochs, so every epoch differs.
-    stream = epoch.shuffle(seed=_shuffle_seed(seed)).repeat(None)
+    batched = [_batched(s, sd, batch_size, True) for s, sd in zip(slices, seeds)]
+    if order == "segments":
+        epoch = grain.MapDataset.concatenate(
+            [b.shuffle(seed=_shuffle_seed(sd)) for b, sd in zip(batched, seeds)])
+        stream = epoch.repeat(None)
+    else:
+        # shuffle() permutes within each epoch of length len(epoch) and derives the permutation
+        # from seed + epoch number; repeat(None) feeds it indices across epochs, so every epoch
+        # differs.
+        stream = grain.MapDataset.concatenate(batched).shuffle(seed=_shuffle_seed(seed)).repeat(None)
     read_options = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
     return stream.to_iter_dataset(read_options)
 

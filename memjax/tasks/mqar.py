@@ -293,6 +293,7 @@ def train_dataset(
     power_a: float = 0.01,
     random_filler: bool = True,
     prefetch: int = 0,
+    order: str = "shuffled",
 ) -> grain.IterDataset:
     """Endless training batches ``{"inputs": int32[B, T], "labels": int32[B, T]}``.
 
@@ -300,14 +301,15 @@ def train_dataset(
     ``segment_seeds(seed, len(segments), "train")[i]``, a batch never mixes segments, each segment
     contributes ``num_examples // batch_size`` batches per epoch in a shuffled order, and the
     iterator state (``{"next_index": n}``) restores exactly. The examples are the same in every
-    epoch, as with Zoology's fixed training set.
+    epoch, as with Zoology's fixed training set. ``order="segments"`` trains the segments one
+    after another each epoch, as Zoology's loader does (``memjax.tasks.data.train_dataset``).
 
     Raises:
       ValueError: an impossible (V, T, K) setting, or a segment with fewer examples than
         ``batch_size`` (it would contribute no batch).
     """
     slices = _slices(vocab_size, segments, power_a, random_filler)
-    return data.train_dataset(slices, batch_size, seed, prefetch=prefetch)
+    return data.train_dataset(slices, batch_size, seed, prefetch=prefetch, order=order)
 
 
 def test_datasets(
@@ -398,7 +400,8 @@ def _parse_segment(vocab_size: int, entry: tuple) -> Segment:
 @TASKS.register("mqar")
 def build(cfg, seed: int) -> TaskData:
     """MQAR from `config.task`: vocab_size, train_segments and test_segments (tuples
-    `(seq_len, num_pairs, num_examples)`), power_a, random_filler, batch_size, eval_batch_size.
+    `(seq_len, num_pairs, num_examples)`), power_a, random_filler, batch_size, eval_batch_size,
+    train_order (`"shuffled"` or Zoology's segment-by-segment `"segments"`).
 
     The task carries the key-swap recall probe (`TaskData.probe`): the first `PROBE_EXAMPLES` test
     examples of every test segment with at least two pairs (`probe_datasets`)."""
@@ -406,7 +409,8 @@ def build(cfg, seed: int) -> TaskData:
     train_segments = parse_settings(cfg, "train_segments", parse)
     test_segments = parse_settings(cfg, "test_segments", parse)
     options = dict(power_a=cfg.power_a, random_filler=cfg.random_filler)
-    train = train_dataset(cfg.vocab_size, train_segments, cfg.batch_size, seed, **options)
+    train = train_dataset(cfg.vocab_size, train_segments, cfg.batch_size, seed,
+                          order=cfg.train_order, **options)
     test = test_datasets(cfg.vocab_size, test_segments, cfg.eval_batch_size, seed, **options)
     probe = probe_datasets(cfg.vocab_size, test_segments, cfg.eval_batch_size, seed, **options)
     return TaskData(train=train, test=test, sample_length=max(s.seq_len for s in train_segments),

@@ -183,6 +183,26 @@ def test_train_batches_cover_each_epoch_and_never_mix_segments():
     assert not {_key(b) for b in other} & set(expected)
 
 
+def test_segment_order_trains_segments_one_after_another_each_epoch():
+    """Zoology's loader order: segment 0's batches, then segment 1's, ..., again every epoch."""
+    ds = mqar.train_dataset(V, SEGMENTS, B, seed=5, order="segments")
+    it = iter(ds)
+    epochs = [_take(it, PER_EPOCH) for _ in range(2)]
+    per_segment = [seg.num_examples // B for seg in SEGMENTS]
+    expected_segments = [s for s, n in enumerate(per_segment) for _ in range(n)]
+    for epoch in epochs:
+        assert [_segment_of(b) for b in epoch] == expected_segments
+    shuffled = sorted(map(_key, _take(iter(mqar.train_dataset(V, SEGMENTS, B, seed=5)), PER_EPOCH)))
+    assert sorted(map(_key, epochs[0])) == shuffled  # the same batches, in another order
+    state = json.loads(json.dumps(it.get_state()))
+    following = _take(it, 3)
+    fresh = iter(mqar.train_dataset(V, SEGMENTS, B, seed=5, order="segments"))
+    fresh.set_state(state)
+    assert [_key(b) for b in _take(fresh, 3)] == [_key(b) for b in following]
+    with pytest.raises(ValueError, match="unknown training order 'sorted'"):
+        mqar.train_dataset(V, SEGMENTS, B, seed=5, order="sorted")
+
+
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_train_iterator_state_restores_following_batches(prefetch):
     ds = mqar.train_dataset(V, SEGMENTS, B, seed=3, prefetch=prefetch)

@@ -168,6 +168,7 @@ def _task(vocab_size=8192):
     cfg = ml_collections.ConfigDict(dict(
         name="mqar", vocab_size=vocab_size, train_segments=((16, 2, 32),),
         test_segments=((16, 2, 40), (32, 4, 40), (16, 1, 8)), power_a=0.01, random_filler=True,
+        train_order="shuffled",
         batch_size=32, eval_batch_size=16))
     return TASKS.get("mqar")(cfg, 0), cfg.eval_batch_size
 
