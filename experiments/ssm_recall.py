@@ -20,8 +20,8 @@ PRESETS = ("cpu", "full")
 T64_RECIPE = {"task.vocab_size": 256, "task.batch_size": 128, "train.steps": 1500,
               "train.eval_every": 100, "train.checkpoint_every": 500, "train.warmup_steps": 100,
               "train.lr": 1e-2}
-MIXERS = ("attention", "gated_deltanet", "s4d", "s5", "mamba", "mamba_polarized", "mamba_mimetic",
-          "mamba2", "mamba2_polarized")
+MIXERS = ("attention", "gated_deltanet", "s4d", "s5", "mamba", "mamba2", "mamba_polarized",
+          "mamba_mimetic", "mamba2_polarized")
 
 
 def runs(preset: str) -> list[dict]:

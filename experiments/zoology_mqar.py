@@ -6,7 +6,7 @@
 Preset `cpu` (8 runs, one per mixer, d_model 128): Zoology's three T=64 test segments (4, 8 and
 16 pairs; `mixture=t64`, trained on the same three settings: 100k, 20k and 20k examples),
 vocab 8192, batch 128, learning rate 1e-2 (one point of Zoology's grid), 100 warm-up steps,
-cosine decay over at most 2000 steps, evaluated every 100 steps on 1000 test examples per
+cosine decay over at most 1000 steps, evaluated every 100 steps on 1000 test examples per
 segment (plus the key-swap recall probe on 250), early stop at pooled accuracy 0.99. `based` is
 the no-window Based of Zoology's figures. The budget is what a 2-core CPU allows; the report
 says per run whether it converged, stopped early or was still climbing. Results and the
@@ -34,7 +34,7 @@ def runs(preset: str) -> list[dict]:
     if preset == "cpu":
         grid = [(128, 1e-2)]
         mixture = "mixture=t64"
-        overrides = {"task.batch_size": 128, "train.steps": 2000, "train.eval_every": 100,
+        overrides = {"task.batch_size": 128, "train.steps": 1000, "train.eval_every": 100,
                      "train.checkpoint_every": 500, "train.warmup_steps": 100}
     elif preset == "full":
         grid = [(d, lr) for d in (64, 128, 256) for lr in ZOOLOGY_LRS]
