@@ -96,7 +96,8 @@ class Mamba(nn.Module):
     def __call__(self, x, cache=None):
         self._check_options()
         E, N, R = self._inner(), self.state_dim, self._dt_rank()
-        u, z = jnp.split(initializers.dense(2 * E, name="in_proj")(x), 2, axis=-1)
+        in_proj = nn.Dense(2 * E, use_bias=False, kernel_init=initializers.ssm_input(), name="in_proj")
+        u, z = jnp.split(in_proj(x), 2, axis=-1)
         conv = ShortConv(self.conv_size, name="conv")
         new_cache = {}
         if cache is None:
@@ -105,7 +106,7 @@ class Mamba(nn.Module):
             u, new_cache["conv"] = conv(u, cache["conv"])
         u = nn.silu(u)
 
-        x_init = initializers.projection()
+        x_init = initializers.ssm_input()
         if self.initialization == "mimetic":
             x_init = tie_columns(x_init, slice(R, R + N), slice(R + N, R + 2 * N))
         proj = nn.Dense(R + 2 * N, use_bias=False, kernel_init=x_init, name="x_proj")(u)

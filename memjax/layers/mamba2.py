@@ -68,7 +68,7 @@ class Mamba2(nn.Module):
         self._check_options()
         E, N, H = self._inner(), self.state_dim, self._heads()
         mimetic = self.initialization == "mimetic"
-        in_init = initializers.projection()
+        in_init = initializers.ssm_input()
         if mimetic:
             in_init = tie_columns(in_init, slice(2 * E, 2 * E + N), slice(2 * E + N, 2 * E + 2 * N))
         proj = nn.Dense(2 * E + 2 * N + H, use_bias=False, kernel_init=in_init, name="in_proj")(x)

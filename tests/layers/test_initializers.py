@@ -36,6 +36,8 @@ def _expected_std(cls: str, scheme: str, name: tuple, x: np.ndarray) -> float | 
         if scheme == "flax":
             return x.shape[0] ** -0.5  # lecun_normal: 1 / sqrt(fan_in)
         return 0.02 if cls == "projection" else 0.02 / math.sqrt(2 * NUM_LAYERS)
+    if cls == "ssm_input":  # PyTorch's Linear default: uniform(+-1/sqrt(fan_in))
+        return (3 * x.shape[0]) ** -0.5 if scheme == "reference" else x.shape[0] ** -0.5
     if cls == "conv":
         if name[-1] == "bias":
             return 0.0
