@@ -16,29 +16,56 @@ def _block(tree):
     return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
 
 
-def compile_fn(fn: Callable, *args):
+def compile_fn(fn: Callable, *args, donate_argnums: tuple = ()):
     """Returns `(compiled, compile_seconds, temp_bytes)` for `jax.jit(fn)` on `args`.
 
     `temp_bytes` is the compiled executable's temporary buffer size (XLA memory analysis), the
     working memory beyond inputs and outputs; None where the backend does not report it.
+    `donate_argnums` as in `jax.jit` (a train step donates its state).
     """
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
     seconds = time.perf_counter() - start
     analysis = compiled.memory_analysis()
     temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
     return compiled, seconds, temp
 
 
-def time_compiled(compiled, *args, repeats: int = 5, warmup: int = 1) -> list[float]:
-    """Wall-clock seconds of `repeats` calls after `warmup` calls, each waited for."""
+def time_compiled(compiled, *args, repeats: int = 5, warmup: int = 1,
+                  carry: bool = False) -> list[float]:
+    """Wall-clock seconds of `repeats` calls after `warmup` calls, each waited for.
+
+    `carry=True` is for a step `(state, *rest) -> (state, ...)` that donates its state: each call
+    gets the state the previous call returned (the first argument is consumed).
+    """
+    return time_interleaved([(compiled, args, carry)], repeats=repeats, warmup=warmup)[0]
+
+
+def time_interleaved(calls, repeats: int = 5, warmup: int = 1) -> list[list[float]]:
+    """`time_compiled` for several functions at once, round-robin: one list of times per call.
+
+    `calls`: `(compiled, args, carry)` triples. Each round times one call of every function, the
+    order rotating by one each round, so on a machine shared with other jobs every function runs
+    under the same background load and their ratios hold even while absolute times drift.
+    """
+    args = [a for _, a, _ in calls]
+
+    def call(i):
+        compiled, _, carry = calls[i]
+        out = _block(compiled(*args[i]))
+        if carry:
+            args[i] = (out[0], *args[i][1:])
+
     for _ in range(warmup):
-        _block(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _block(compiled(*args))
-        times.append(time.perf_counter() - start)
+        for i in range(len(calls)):
+            call(i)
+    times = [[] for _ in calls]
+    for r in range(repeats):
+        for j in range(len(calls)):
+            i = (r + j) % len(calls)
+            start = time.perf_counter()
+            call(i)
+            times[i].append(time.perf_counter() - start)
     return times
 
 

@@ -1,9 +1,23 @@
-"""Benchmarks the memory operators: each form, forward and forward+backward, JSON out.
+"""Benchmarks the memory operators (each form, forward and forward+backward) or, with --models,
+a full training step of the study models per mixer beside attention. JSON out.
 
     python scripts/bench.py --ops gated_delta_rule,linear_attention --T 1024,4096,16384,65536 \
         --out bench.json
     python scripts/bench.py --ops linear_scan,s4d,s5,selective_scan,ssd --T 1024,4096 \
         --out bench_ssm.json
+    python scripts/bench.py --models all --d_model 128 --T 64,256,1024 --batch 64 \
+        --out bench_model_step.json
+
+--models (a comma list of mixers or presets, or `all`: the mixers of the studies) times one
+jitted train step (forward, backward, AdamW update; the state donated, as in training) of the
+2-layer study language model (`memjax.config.lm_config`: short convolution 4, no MLP, tied
+embeddings, vocabulary --vocab) on a synthetic MQAR-like batch: random tokens, labels at T/16
+positions per row (MQAR's query share), so the LM head costs what it costs in the studies. For
+each (d_model, T, batch) in the product of --d_model, --T, --batch (or the triples in --shapes)
+attention and every other mixer are compiled, then timed round-robin (one step of each per round,
+--repeats rounds after --warmup untimed ones), so on a shared machine all run under the same load.
+Each row has the median step time, compile time, tokens/s, compiled temporary memory and
+`vs_attention` = its median / attention's median at the same shape (below 1: faster).
 
 The attention-like families are shaped by --B, --H, --K, --V; the state-space scans by --B, --D
 (channels; ssd splits them into --H heads) and --N (state per channel; S5's shared modes).
@@ -28,8 +42,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+
 from memjax import ops
-from memjax.benchmark import compile_fn, matmul_rate, time_compiled
+from memjax.benchmark import compile_fn, matmul_rate, time_compiled, time_interleaved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +243,138 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
+# --- Model-level benchmark: one train step per mixer, beside attention -----------------------
+
+# The mixers of the studies (experiments/zoology_mqar.py, experiments/ssm_recall.py).
+STUDY_MIXERS = ("attention", "based", "deltanet", "gated_deltanet", "gla", "retnet",
+                "linear_attention", "rwkv7", "mamba", "mamba2", "s4d", "s5")
+BASELINE = "attention"
+
+
+def init_params(model, rng, sample):
+    """Parameters of `model` for inputs like `sample`: the one place the benchmark initialises."""
+    return model.init(rng, sample)["params"]
+
+
+def synthetic_batch(vocab: int, T: int, batch: int, seed: int = 0) -> dict:
+    """A supervised batch shaped like MQAR's: random tokens, labels at max(1, T // 16) random
+    positions per row (the query share), IGNORE_INDEX elsewhere; after `supervised_batch`."""
+    from memjax.tasks.data import IGNORE_INDEX
+    from memjax.train.step import supervised_batch
+
+    rng = np.random.default_rng(seed)
+    inputs = rng.integers(0, vocab, (batch, T))
+    labels = np.full((batch, T), IGNORE_INDEX)
+    count = max(1, T // 16)
+    positions = np.argsort(rng.random((batch, T)), axis=1)[:, :count]
+    np.put_along_axis(labels, positions, rng.integers(0, vocab, (batch, count)), axis=1)
+    return supervised_batch({"inputs": inputs, "labels": labels})
+
+
+def model_step(mixer: str, d_model: int, T: int, batch: int, args):
+    """`(train_step, state, batch, num_params)` of the study LM with `mixer` at this shape."""
+    from memjax.config import lm_config, to_dict, train_config
+    from memjax.models import build_model
+    from memjax.train.optim import build_optimizer
+    from memjax.train.step import TrainState, make_train_step
+
+    model = build_model(to_dict(lm_config(args.vocab, d_model, mixer, num_layers=args.num_layers)))
+    optimizer = build_optimizer(train_config())
+    data = jax.device_put(synthetic_batch(args.vocab, T, batch))
+    init_rng, state_rng = jax.random.split(jax.random.key(0))
+    params = jax.jit(lambda r: init_params(model, r, data["inputs"][:1]))(init_rng)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                       rng=state_rng)
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    return make_train_step(model, optimizer), state, data, num_params
+
+
+def compile_model(mixer: str, d_model: int, T: int, batch: int, args):
+    """`(row, call)`: the row's shape and compile fields, and `(compiled, args, carry)` to time
+    (None where the compiled step needs more than --memory-limit-gb of temporaries)."""
+    step, state, data, num_params = model_step(mixer, d_model, T, batch, args)
+    row = {"mixer": mixer, "d_model": d_model, "T": T, "batch": batch, "vocab": args.vocab,
+           "num_layers": args.num_layers, "num_params": num_params,
+           "supervised_per_row": data["positions"].shape[1]}
+    compiled, compile_s, temp = compile_fn(step, state, data, donate_argnums=(0,))
+    row |= {"compile_s": compile_s, "temp_bytes": temp}
+    if temp is not None and temp > args.memory_limit_gb * 2**30:
+        return row | {"skipped": f"needs {temp / 2**30:.1f} GiB of temporaries"}, None
+    return row, (compiled, (state, data), True)
+
+
+def bench_shape(mixers, shape, args) -> list[dict]:
+    """Every mixer's train step at one (d_model, T, batch), timed round-robin (`time_interleaved`)
+    so that all of them, attention included, share the same background load."""
+    compiled = [compile_model(mixer, *shape, args) for mixer in mixers]
+    timed = [(row, call) for row, call in compiled if call is not None]
+    times = time_interleaved([call for _, call in timed], repeats=args.repeats, warmup=args.warmup)
+    for (row, _), row_times in zip(timed, times):
+        median = statistics.median(row_times)
+        row |= {"median_s": median, "times_s": row_times, "tokens_per_s": shape[1] * shape[2] / median}
+    rows = [row for row, _ in compiled]
+    baseline = rows[0].get("median_s")  # attention runs first
+    for row in rows:
+        if baseline and "median_s" in row:
+            row["vs_attention"] = row["median_s"] / baseline
+    return rows
+
+
+def model_shapes(args) -> list[tuple[int, int, int]]:
+    """(d_model, T, batch) triples: --shapes if given, else the product of the three lists."""
+    if args.shapes:
+        return [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    return [(d, T, b) for d in ints(args.d_model) for T in ints(args.T or "64,256,1024")
+            for b in ints(args.batch)]
+
+
+def shape_name(d_model, T, batch) -> str:
+    return f"d{d_model} T{T} B{batch}"
+
+
+def model_table(rows) -> str:
+    """Mixers by shape: median step time in ms and its ratio to attention's at that shape."""
+    shapes = list(dict.fromkeys((r["d_model"], r["T"], r["batch"]) for r in rows))
+    mixers = list(dict.fromkeys(r["mixer"] for r in rows))
+    cells = {(r["mixer"], (r["d_model"], r["T"], r["batch"])): r for r in rows}
+    lines = ["| mixer | " + " | ".join(shape_name(*s) for s in shapes) + " |",
+             "|---|" + "---|" * len(shapes)]
+    for mixer in mixers:
+        out = []
+        for shape in shapes:
+            r = cells.get((mixer, shape))
+            if r is None:
+                out.append("")
+            elif "skipped" in r:
+                out.append("skipped")
+            else:
+                ratio = r.get("vs_attention")
+                out.append(f"{r['median_s'] * 1e3:.1f} ms" + ("" if ratio is None else f" ({ratio:.2f}x)"))
+        lines.append(f"| {mixer} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def run_models(args) -> list[dict]:
+    from memjax.config import MIXER_PRESETS
+    from memjax.layers import MIXERS
+
+    mixers = STUDY_MIXERS if args.models == "all" else tuple(args.models.split(","))
+    unknown = [m for m in mixers if m not in MIXERS and m not in MIXER_PRESETS]
+    if unknown:
+        raise SystemExit(f"unknown mixer(s) {unknown}; known: {', '.join([*MIXERS.names(), *MIXER_PRESETS])}")
+    mixers = (BASELINE,) + tuple(m for m in mixers if m != BASELINE)
+    rows = []
+    for shape in model_shapes(args):
+        for row in bench_shape(mixers, shape, args):
+            rows.append(row)
+            ratio = f" ({row['vs_attention']:.2f}x attention)" if "vs_attention" in row else ""
+            result = row.get("skipped") or f"{row['median_s'] * 1e3:.1f} ms{ratio}"
+            print(f"{row['mixer']:>18} {shape_name(*shape):>16}: {result}, compile {row['compile_s']:.1f} s",
+                  flush=True)
+    return rows
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", default="linear_attention,gated_delta_rule",
@@ -234,7 +382,8 @@ def parse_args(argv):
     p.add_argument("--impls", default="all",
                    help="comma-separated forms, or all (each op runs the listed forms it has)")
     p.add_argument("--modes", default="fwd,fwdbwd")
-    p.add_argument("--T", default="1024,4096", help="comma-separated sequence lengths")
+    p.add_argument("--T", default=None,
+                   help="comma-separated sequence lengths (default: 1024,4096; --models: 64,256,1024)")
     p.add_argument("--B", type=int, default=1)
     p.add_argument("--H", type=int, default=8)
     p.add_argument("--K", type=int, default=128)
@@ -245,7 +394,21 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory-limit-gb", type=float, default=8.0)
     p.add_argument("--out", default=None, help="JSON output path (default: stdout only)")
+    m = p.add_argument_group("model train step (--models)")
+    m.add_argument("--models", default=None,
+                   help=f"comma-separated mixers or presets, or all ({', '.join(STUDY_MIXERS)}); "
+                        f"{BASELINE} always runs first as the baseline")
+    m.add_argument("--d_model", default="64,128,256", help="comma-separated model widths")
+    m.add_argument("--batch", default="64", help="comma-separated batch sizes")
+    m.add_argument("--shapes", default=None,
+                   help="comma-separated d_modelxTxbatch triples (e.g. 128x256x64), instead of the "
+                        "product of --d_model, --T, --batch")
+    m.add_argument("--vocab", type=int, default=8192)
+    m.add_argument("--num_layers", type=int, default=2, help="blocks of the model (the studies: 2)")
+    m.add_argument("--warmup", type=int, default=1, help="untimed calls after compiling")
     args = p.parse_args(argv)
+    if args.models:
+        return args
     unknown = [o for o in args.ops.split(",") if o not in CASES]
     if unknown:
         p.error(f"unknown op(s) {unknown}; known: {', '.join(CASES)}")
@@ -260,23 +423,33 @@ def main(argv=None):
     args = parse_args(argv)
     matmul = matmul_rate()
     print(f"float32 matmul rate: {matmul['gflops']:.1f} GFLOP/s ({matmul['best_shape']})", flush=True)
+    if args.models:
+        rows = run_models(args)
+        table = model_table(rows)
+    else:
+        rows = run_ops(args, matmul)
+        table = markdown(rows)
+    report = {"machine": {"platform": jax.devices()[0].platform, "device": str(jax.devices()[0]),
+                          "device_count": jax.device_count(), "processor": platform.processor(),
+                          "jax": jax.__version__, "python": sys.version.split()[0]},
+              "matmul": matmul, "args": vars(args), "results": rows}
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.out}")
+
+
+def run_ops(args, matmul) -> list[dict]:
     rows = []
     for name in args.ops.split(","):
-        for T in map(int, args.T.split(",")):
+        for T in map(int, (args.T or "1024,4096").split(",")):
             for mode in args.modes.split(","):
                 for impl in _forms(CASES[name], args.impls):
                     row = bench_one(name, impl, mode, T, args, matmul["gflops"])
                     rows.append(row)
                     print(markdown([row]).splitlines()[-1], flush=True)
-    report = {"machine": {"platform": jax.devices()[0].platform, "device": str(jax.devices()[0]),
-                          "device_count": jax.device_count(), "processor": platform.processor(),
-                          "jax": jax.__version__, "python": sys.version.split()[0]},
-              "matmul": matmul, "args": vars(args), "results": rows}
-    print(markdown(rows))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.out}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -58,3 +58,39 @@ def test_bench_impls_filter_keeps_only_forms_an_op_has():
     bench = load_bench()
     assert bench._forms(bench.CASES["ssd"], "associative,chunk") == ("chunk",)
     assert bench._forms(bench.CASES["linear_scan"], "all") == ("reference", "associative", "chunk")
+
+
+def test_bench_models_times_a_train_step_beside_attention(tmp_path):
+    # One layer and the two mixers quickest to compile: the cost is XLA compiling three steps.
+    bench = load_bench()
+    out = tmp_path / "bench.json"
+    bench.main(["--models", "linear_attention,s4d", "--d_model", "16", "--T", "32", "--batch", "2",
+                "--vocab", "64", "--num_layers", "1", "--repeats", "2", "--warmup", "0", "--out", str(out)])
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert [r["mixer"] for r in rows] == ["attention", "linear_attention", "s4d"]  # baseline first
+    attention = rows[0]["median_s"]
+    for r in rows:
+        assert (r["d_model"], r["T"], r["batch"], r["vocab"], r["num_layers"]) == (16, 32, 2, 64, 1)
+        assert r["supervised_per_row"] == 2 and r["num_params"] > 0  # T / 16 labelled positions
+        assert r["median_s"] > 0 and r["compile_s"] > 0 and len(r["times_s"]) == 2
+        assert r["tokens_per_s"] == pytest.approx(2 * 32 / r["median_s"])
+        assert r["vs_attention"] == pytest.approx(r["median_s"] / attention)
+    assert rows[0]["vs_attention"] == 1.0
+
+
+def test_bench_models_shapes_and_names():
+    bench = load_bench()
+    args = bench.parse_args(["--models", "all", "--shapes", "128x256x64,64x1024x128"])
+    assert bench.model_shapes(args) == [(128, 256, 64), (64, 1024, 128)]
+    args = bench.parse_args(["--models", "gla", "--d_model", "64,128", "--batch", "8"])
+    assert bench.model_shapes(args) == [(d, T, 8) for d in (64, 128) for T in (64, 256, 1024)]
+    with pytest.raises(SystemExit):
+        bench.run_models(bench.parse_args(["--models", "nope"]))
+
+
+def test_synthetic_batch_labels_a_sixteenth_of_each_row():
+    bench = load_bench()
+    batch = bench.synthetic_batch(vocab=50, T=64, batch=3)
+    assert batch["positions"].shape == (3, 4) and batch["mask"].all()
+    assert batch["inputs"].shape == (3, 64) and batch["inputs"].max() < 50
