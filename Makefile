@@ -4,15 +4,24 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RUNDIR ?= runs/mqar_main
 
-.PHONY: setup run test test-slow test-all bench clean
+.PHONY: setup constraints run test test-slow test-all bench clean
 
+# Installs the exact versions pinned in constraints.txt (pip included), so tests and committed
+# results are reproduced with the packages they were produced with.
 setup: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py constraints.txt
 	@test -x $(PY) || { py=$$(scripts/find_python.sh) && echo "creating $(VENV) with $$py" && $$py -m venv $(VENV); }
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	@touch $(STAMP)
+
+# Refreshes constraints.txt from what .venv has installed now (after upgrading a package on
+# purpose): every distribution at its exact version, memjax itself excluded.
+constraints:
+	@test -x $(PY) || { echo "no $(VENV): run make setup first"; exit 1; }
+	{ echo "# pip freeze --all of .venv (make constraints); make setup installs with -c constraints.txt"; \
+	  $(PY) -m pip freeze --all --exclude-editable --exclude memjax; } > constraints.txt
 
 # The main job: a 2-layer DeltaNet (no attention) on MQAR (T=64, 4 pairs, vocab 256), then test
 # accuracy and the key-swap recall probe.
