@@ -101,10 +101,26 @@ def launch(run: dict, workdir: Path, children: _Children | None = None) -> dict 
     return info
 
 
-def run_sweep(study: str, sweep_dir, preset: str = "cpu", parallel: int = 1, dry_run: bool = False):
-    """Launches the study's missing runs, `parallel` at a time; returns their infos."""
+def select_runs(runs: list[dict], only: tuple[str, ...]) -> list[dict]:
+    """The runs named in `only`, in that order (all runs when `only` is empty)."""
+    if not only:
+        return runs
+    by_name = {r["name"]: r for r in runs}
+    unknown = [name for name in only if name not in by_name]
+    if unknown:
+        raise ValueError(f"no run(s) {unknown} in this study; its runs: {', '.join(by_name)}")
+    return [by_name[name] for name in only]
+
+
+def run_sweep(study: str, sweep_dir, preset: str = "cpu", parallel: int = 1, dry_run: bool = False,
+              only: tuple[str, ...] = ()):
+    """Launches the study's missing runs, `parallel` at a time; returns their infos.
+
+    `only`: run names to keep, in the given order (a subset of the study's runs); an unknown
+    name is an error listing the study's runs.
+    """
     sweep_dir = Path(sweep_dir)
-    runs = load_study(study, preset)
+    runs = select_runs(load_study(study, preset), only)
     todo = [r for r in runs if not is_complete(sweep_dir / r["name"])]
     print(f"{len(runs)} runs in {study} (preset {preset}); {len(runs) - len(todo)} complete, "
           f"{len(todo)} to run")

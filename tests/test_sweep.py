@@ -50,6 +50,17 @@ def test_dry_run_prints_commands_without_running(tmp_path, capsys):
     assert "--config.train.steps=6" in out and not (tmp_path / "sweep").exists()
 
 
+def test_only_selects_and_orders_runs(tmp_path, capsys):
+    study = tmp_path / "study.py"
+    study.write_text(STUDY)
+    run_sweep(str(study), tmp_path / "sweep", "small", dry_run=True,
+              only=("linear_attention", "attention"))
+    commands = [line for line in capsys.readouterr().out.splitlines() if "--workdir" in line]
+    assert ["model=linear_attention" in commands[0], "model=attention," in commands[1]] == [True, True]
+    with pytest.raises(ValueError, match="no run.*'gla'.*its runs: attention, linear_attention"):
+        run_sweep(str(study), tmp_path / "sweep", "small", dry_run=True, only=("gla",))
+
+
 KILLABLE_STUDY = '''
 def runs(preset):
     overrides = {"train.steps": 1000, "train.warmup_steps": 1, "train.eval_every": 1000,
