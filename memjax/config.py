@@ -121,6 +121,8 @@ def train_config(steps: int = 3_000, lr: float = 3e-3) -> ml_collections.ConfigD
     train.weight_decay = 0.1
     # Parameter classes without weight decay (memjax.layers.initializers.PARAMETER_CLASSES).
     train.weight_decay_exempt = "bias,norm,dynamics"
+    # Classes that get Adam, not Muon, when optimizer = "muon" (Muon only on 2-D hidden matrices).
+    train.muon_exempt = "embedding,head,conv,bias,norm,dynamics"
     train.b1 = 0.9
     train.b2 = 0.98
     train.grad_clip = 1.0

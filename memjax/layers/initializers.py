@@ -38,12 +38,15 @@ SCHEMES = ("reference", "flax")
 REFERENCE_STD = 0.02
 
 # Parameter classes (see `parameter_class`). Those after "norm" are initialised by their module.
-PARAMETER_CLASSES = ("embedding", "projection", "output", "ssm_input", "conv", "bias", "norm",
-                     "dynamics", "recurrent")
+PARAMETER_CLASSES = ("embedding", "projection", "output", "ssm_input", "head", "conv", "bias",
+                     "norm", "dynamics", "recurrent")
 # Dense layers whose output is added to the residual stream (a mixer's or MLP's last projection).
 OUTPUT_MODULES = ("out", "out_proj", "down")
 # Mamba's and Mamba-2's input projections (they produce the selective scan's B and C).
 SSM_INPUT_MODULES = ("in_proj", "x_proj")
+# Dense layers between the task and the residual stream: float inputs in, logits or targets out.
+# Initialised as projections; a class of their own so the optimizer can keep Muon off them.
+HEAD_MODULES = ("input_proj", "head", "lm_head")
 CONV_MODULES = ("short_conv", "conv", "conv_q", "conv_k", "conv_v")
 # Dense layers that compute a memory's time step or decay: their reference inits are special.
 DYNAMICS_MODULES = ("dt_proj", "a_lora", "w_lora", "g_lora")
@@ -141,8 +144,8 @@ def symmetric_uniform(bound: float):
 def parameter_class(path: tuple[str, ...]) -> str:
     """The role of the parameter at `path` (module names then the parameter's name).
 
-    One of PARAMETER_CLASSES: `embedding`, `projection`, `output` and `ssm_input` (Dense
-    kernels), `conv`
+    One of PARAMETER_CLASSES: `embedding`, `projection`, `output`, `ssm_input` and `head` (Dense
+    kernels; `head`: the model's input projection and output heads), `conv`
     (short convolution taps and biases), `bias` (Dense biases), `norm` (norm scales and biases),
     `dynamics` (decay, time-step, SSM and gate parameters, whose init the module owns) and
     `recurrent` (LSTM/GRU/HiPPO-RNN cells, Flax's cell init).
@@ -162,6 +165,8 @@ def parameter_class(path: tuple[str, ...]) -> str:
     if leaf == "kernel":
         if parent in SSM_INPUT_MODULES:
             return "ssm_input"
+        if parent in HEAD_MODULES:
+            return "head"
         return "output" if parent in OUTPUT_MODULES else "projection"
     if leaf == "bias" and parent:
         return "bias"

@@ -1,9 +1,15 @@
 """Optimizers by name, each with linear warm-up, cosine decay to zero and global-norm clipping.
 
-Weight decay is decoupled (AdamW's `p <- p - lr_t * weight_decay * p`) and applied only to the
-parameter classes not listed in `train.weight_decay_exempt` (classes:
-`memjax.layers.initializers.parameter_class`; by default biases, norms and the memories'
-dynamics parameters such as A_log and dt_bias are exempt, as in the peer codebases).
+Both masks below come from the parameter classes of `memjax.layers.initializers.parameter_class`,
+named in config as comma-separated lists and checked against PARAMETER_CLASSES:
+
+- Weight decay is decoupled (AdamW's `p <- p - lr_t * weight_decay * p`) and applied only to the
+  classes not listed in `train.weight_decay_exempt` (by default biases, norms and the memories'
+  dynamics parameters such as A_log and dt_bias are exempt, as in the peer codebases).
+- Muon (`train.optimizer = "muon"`) orthogonalises the update of 2-D hidden matrices only: a
+  parameter gets Muon when it is 2-D and its class is not in `train.muon_exempt` (by default
+  embeddings, input/output heads, convolution taps, biases, norms and dynamics, the last covering
+  decay and gate maps); every other parameter gets Adam with the same schedule and betas.
 """
 
 from typing import NamedTuple
@@ -26,12 +32,12 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
         init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.steps)
 
 
-def exempt_classes(cfg) -> frozenset[str]:
-    """The parameter classes named in `cfg.weight_decay_exempt` (comma-separated), checked."""
-    names = frozenset(filter(None, (s.strip() for s in cfg.weight_decay_exempt.split(","))))
+def exempt_classes(cfg, key: str = "weight_decay_exempt") -> frozenset[str]:
+    """The parameter classes named in `cfg[key]` (comma-separated), checked against the list."""
+    names = frozenset(filter(None, (s.strip() for s in cfg[key].split(","))))
     unknown = names - set(PARAMETER_CLASSES)
     if unknown:
-        raise ValueError(f"train.weight_decay_exempt names unknown parameter classes "
+        raise ValueError(f"train.{key} names unknown parameter classes "
                          f"{sorted(unknown)}; known: {', '.join(PARAMETER_CLASSES)}")
     return names
 
@@ -65,15 +71,33 @@ def adamw(cfg, schedule):
     return optax.adam(schedule, b1=cfg.b1, b2=cfg.b2)
 
 
+def muon_dimensions(exempt: frozenset[str]):
+    """`params -> tree`: Muon's dimension numbers where Muon applies, None (Adam) elsewhere.
+
+    Muon applies to 2-D parameters (`[fan_in, fan_out]` Dense kernels) whose class is not in
+    `exempt`; the default dimension numbers reduce over axis 0 and orthogonalise `[in, out]`.
+    """
+
+    def dimensions(params):
+        return jax.tree.map(
+            lambda p, c: optax.contrib.MuonDimensionNumbers() if p.ndim == 2 and c not in exempt
+            else None, params, classify(params))
+
+    return dimensions
+
+
 @OPTIMIZERS.register("muon")
 def muon(cfg, schedule):
-    """Muon on matrix parameters (orthogonalised momentum), Adam on the rest (optax.contrib)."""
-    return optax.contrib.muon(schedule, adam_b1=cfg.b1, adam_b2=cfg.b2)
+    """Muon on 2-D hidden matrices (orthogonalised momentum), Adam on the rest (optax.contrib)."""
+    return optax.contrib.muon(schedule, adam_b1=cfg.b1, adam_b2=cfg.b2,
+                              muon_weight_dimension_numbers=muon_dimensions(
+                                  exempt_classes(cfg, "muon_exempt")))
 
 
 def build_optimizer(cfg) -> optax.GradientTransformation:
     """`cfg.optimizer` from the `train` config: clipping, the update, then masked weight decay."""
     schedule = learning_rate_schedule(cfg)
+    exempt_classes(cfg, "muon_exempt")  # checked for every optimizer: a typo fails at launch
     clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity()
     decay = optax.identity()
     if cfg.weight_decay:
