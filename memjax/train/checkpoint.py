@@ -15,6 +15,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used: it belongs to another model, or it is unreadable."""
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """A checkpoint's files cannot be read (corrupt or incomplete), as opposed to another model's."""
+
+
 def _differences(saved, current, prefix="") -> list[str]:
     """Dotted keys whose values differ between two nested dicts (missing counts as different)."""
     if not (isinstance(saved, dict) and isinstance(current, dict)):
@@ -51,6 +55,18 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """Saved steps, newest first."""
+        return sorted(self._manager.all_steps(), reverse=True)
+
+    def set_aside(self, step: int, destination) -> Path:
+        """Moves checkpoint `step` to `destination/<step>` (kept for inspection, no longer used)."""
+        target = Path(destination) / str(step)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (self.directory / str(step)).rename(target)
+        self._manager.reload()
+        return target
+
     def save(self, step: int, state, extras: dict):
         self._manager.save(
             step,
@@ -63,14 +79,14 @@ class Checkpointer:
     def restore(self, step: int, abstract_state, model_config: dict):
         """Returns `(state, extras)` of checkpoint `step`, checked against `model_config` first.
 
-        Raises CheckpointError naming every mismatching model setting, or the step and the
-        cause when the files cannot be read into `abstract_state`.
+        Raises CheckpointError naming every mismatching model setting, or UnreadableCheckpoint
+        naming the step and the cause when the files cannot be read into `abstract_state`.
         """
         try:
             extras = self._manager.restore(
                 step, args=ocp.args.Composite(extras=ocp.args.JsonRestore())).extras
         except Exception as error:  # Orbax raises many types for unreadable files.
-            raise CheckpointError(
+            raise UnreadableCheckpoint(
                 f"checkpoint {self.directory}/{step} is unreadable ({type(error).__name__}: {error})"
             ) from error
         mismatches = _differences(extras.get("model"), model_config, "model")
@@ -82,8 +98,8 @@ class Checkpointer:
         try:
             state = self._manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
-        except Exception as error:
-            raise CheckpointError(
+        except Exception as error:  # the model settings matched, so the files are at fault
+            raise UnreadableCheckpoint(
                 f"checkpoint {self.directory}/{step} does not match the model's parameters or is "
                 f"corrupt ({type(error).__name__}: {error})") from error
         return state, extras

@@ -35,6 +35,16 @@ class MetricWriter:
         self._tb.close()
 
 
+class NullWriter:
+    """What processes other than 0 get: writes nothing (one process writes the files)."""
+
+    def write(self, step: int, metrics: dict[str, float]):
+        del step, metrics
+
+    def close(self):
+        pass
+
+
 def read_metrics(workdir) -> list[dict]:
     """All records of `workdir/metrics.jsonl`, in order."""
     path = Path(workdir) / "metrics.jsonl"

@@ -5,6 +5,13 @@ Two losses, chosen by the task (`TaskData.loss`):
     (`supervised_batch`), scored by accuracy.
   `"mse"`: regression on float targets at every position the mask keeps (`regression_batch`),
     scored by mean squared error, also per position.
+
+Auxiliary losses and diagnostics: a layer may `self.sow("losses", name, value)` or
+`self.sow("metrics", name, value)` (flax.linen). The train step applies the model with both
+collections mutable; each sown value is reduced to the mean of its elements (and of repeated
+sows at one place). Sown losses are added to the task loss with the weight given to their name
+in `aux_weights` (default 1.0); sown losses (unweighted) and metrics are returned as train
+metrics `aux/<module path>/<name>`. Evaluation applies the model without them (sow is a no-op).
 """
 
 from typing import Any
@@ -14,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from memjax.tasks.data import IGNORE_INDEX  # label of unsupervised positions, for every task
 
@@ -73,44 +81,85 @@ def pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     return {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
 
 
-def _logits_and_hits(model, params, batch):
-    logits = model.apply({"params": params}, batch["inputs"], batch["positions"]).astype(jnp.float32)
-    hits = (jnp.argmax(logits, axis=-1) == batch["targets"]) * batch["mask"]
-    return logits, hits
+AUX_COLLECTIONS = ("losses", "metrics")
 
 
-def loss_fn(params, model, batch):
-    """Mean cross-entropy over supervised positions, and token accuracy."""
-    logits, hits = _logits_and_hits(model, params, batch)
+def _flatten_sown(collection) -> dict[str, jax.Array]:
+    """`{"a/b/name": scalar}` from a sown collection (nested dicts whose leaves are tuples)."""
+    flat = {}
+    for path, values in traverse_util.flatten_dict(collection, sep="/").items():
+        flat[path] = jnp.mean(jnp.stack([jnp.mean(v.astype(jnp.float32)) for v in values]))
+    return flat
+
+
+def _apply(model, params, batch, *args, aux: bool):
+    """The model's outputs on `batch["inputs"]`; with `aux`, also `(losses, metrics)` sown."""
+    variables = {"params": params}
+    if not aux:
+        return model.apply(variables, batch["inputs"], *args)
+    out, sown = model.apply(variables, batch["inputs"], *args, mutable=AUX_COLLECTIONS)
+    return out, _flatten_sown(sown.get("losses", {})), _flatten_sown(sown.get("metrics", {}))
+
+
+def _hits(logits, batch):
+    """`[B, M]`: 1 where the argmax of `logits` is the target at a supervised position."""
+    return (jnp.argmax(logits, axis=-1) == batch["targets"]) * batch["mask"]
+
+
+def cross_entropy(logits, batch):
+    """`(loss, metrics)`: mean cross-entropy over supervised positions, and token accuracy.
+
+    `logits`: `[B, M, vocab]` at `batch["positions"]`; `targets`, `mask`: `[B, M]`. Both are
+    means over the supervised positions of the whole batch (rows weigh by their count).
+    """
+    logits = logits.astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     count = jnp.maximum(batch["mask"].sum(), 1.0)
     loss = (ce * batch["mask"]).sum() / count
-    return loss, {"loss": loss, "accuracy": hits.sum() / count}
+    return loss, {"loss": loss, "accuracy": _hits(logits, batch).sum() / count}
 
 
-def _squared_errors(model, params, batch):
-    """Per-position squared error averaged over the output width, masked: `[B, T]`."""
-    preds = model.apply({"params": params}, batch["inputs"]).astype(jnp.float32)
-    return jnp.square(preds - batch["targets"]).mean(axis=-1) * batch["mask"]
+def squared_errors(preds, batch):
+    """`[B, T]`: squared error averaged over the output width, times the mask."""
+    return jnp.square(preds.astype(jnp.float32) - batch["targets"]).mean(axis=-1) * batch["mask"]
 
 
-def mse_loss_fn(params, model, batch):
-    """Mean squared error over supervised positions (and output channels); metric `mse` = loss."""
-    squared = _squared_errors(model, params, batch)
-    loss = squared.sum() / jnp.maximum(batch["mask"].sum(), 1.0)
+def mean_squared_error(preds, batch):
+    """`(loss, metrics)`: squared error averaged over supervised positions and output channels;
+    the metric `mse` equals the loss."""
+    loss = squared_errors(preds, batch).sum() / jnp.maximum(batch["mask"].sum(), 1.0)
     return loss, {"loss": loss, "mse": loss}
 
 
-def make_train_step(model, optimizer, loss: str = "cross_entropy"):
+def loss_fn(params, model, batch, loss: str = "cross_entropy", aux_weights=None):
+    """`(total loss, metrics)`: the task loss plus the weighted sown losses (see the module doc).
+
+    `aux_weights`: sown name (the last part of its path) -> weight; unnamed ones weigh 1.0.
+    """
+    if loss == "mse":
+        out, aux_losses, aux_metrics = _apply(model, params, batch, aux=True)
+        total, metrics = mean_squared_error(out, batch)
+    else:
+        out, aux_losses, aux_metrics = _apply(model, params, batch, batch["positions"], aux=True)
+        total, metrics = cross_entropy(out, batch)
+    weights = dict(aux_weights or {})
+    for path, value in aux_losses.items():
+        total = total + weights.get(path.rsplit("/", 1)[-1], 1.0) * value
+    metrics |= {f"aux/{path}": value for path, value in (aux_losses | aux_metrics).items()}
+    return total, metrics
+
+
+def make_train_step(model, optimizer, loss: str = "cross_entropy", aux_weights=None):
     """`(state, batch) -> (state, metrics)`: one AdamW/Muon update on the mean loss.
 
-    `loss="cross_entropy"` (metrics `loss`, `accuracy`) or `"mse"` (metrics `loss`, `mse`).
+    `loss="cross_entropy"` (metrics `loss`, `accuracy`) or `"mse"` (metrics `loss`, `mse`);
+    `loss` is the task loss alone; sown auxiliary losses, weighted by `aux_weights`, are added to
+    the objective and reported as `aux/...` (module doc). Plus `grad_norm`.
     """
-    objective = mse_loss_fn if loss == "mse" else loss_fn
 
     def train_step(state: TrainState, batch):
         rng, _ = jax.random.split(state.rng)
-        grads, metrics = jax.grad(objective, has_aux=True)(state.params, model, batch)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, model, batch, loss, aux_weights)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -131,12 +180,13 @@ def make_eval_step(model, loss: str = "cross_entropy"):
     """
     if loss == "mse":
         def mse_eval_step(params, batch):
-            return _squared_errors(model, params, batch).sum(axis=0), batch["mask"].sum(axis=0)
+            errors = squared_errors(_apply(model, params, batch, aux=False), batch)
+            return errors.sum(axis=0), batch["mask"].sum(axis=0)
 
         return mse_eval_step
 
     def eval_step(params, batch):
-        _, hits = _logits_and_hits(model, params, batch)
+        hits = _hits(_apply(model, params, batch, batch["positions"], aux=False), batch)
         per_row = batch["mask"].sum(axis=1)
         has_targets = per_row > 0
         accuracy = jnp.where(has_targets, hits.sum(axis=1) / jnp.maximum(per_row, 1.0), 0.0)

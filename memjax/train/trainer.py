@@ -3,25 +3,28 @@
     result = train(config, workdir)
 
 Outputs under `workdir`: `config.json`, `metrics.jsonl`, `tensorboard/`, `checkpoints/<step>/`
-and, once training ends, `result.json` (final per-segment test accuracy). Starting again with the
+and, once training ends, `result.json` (final per-segment test metrics). Starting again with the
 same workdir resumes from the latest checkpoint (parameters, optimizer, RNG, data-iterator state
 and partial metric sums), so an interrupted run ends exactly as an uninterrupted one would.
-SIGTERM/SIGINT save a checkpoint at the current step and stop (`Preempted`).
+SIGTERM/SIGINT save a checkpoint at the current step (once) and stop (`Preempted`).
 
-The task chooses the loss (`TaskData.loss`). Classification (`"cross_entropy"`, the default):
-train metrics `loss`, `accuracy`; test metrics `test/<slice>/accuracy` and the pooled
-`test/accuracy`; `train.target_accuracy` stops training early once `test/accuracy` reaches it.
-Regression (`"mse"`): train metrics `loss`, `mse`; test metrics `test/<slice>/mse` (mean over the
-slice's supervised positions and examples), the pooled `test/mse`, and the curve
-`test/<slice>/mse_by_position` (a list of T floats, NaN where nothing is supervised). The curves
-are in `result.json` only; `metrics.jsonl` and TensorBoard get the scalars. `target_accuracy` is
-ignored for regression (there is no accuracy; training runs `train.steps` steps).
+The task chooses the loss (`TaskData.loss`): train metrics `loss` and `accuracy`
+(classification) or `loss` and `mse` (regression), plus `grad_norm` and the `aux/...` values
+that layers sow (`memjax.train.step`; sown losses are weighted by `train.aux_loss_weights`).
+Evaluations come from `config.evals` (`memjax.train.evaluators`; by default from the task:
+`test/<slice>/accuracy`, pooled `test/accuracy` and MQAR's recall probe, or `test/.../mse`).
+`train.target_accuracy` stops training early once `test/accuracy` reaches it (never for
+evaluations without it, such as regression). Curves (lists) go to `result.json` only.
+
+The host never waits for a step: steps are dispatched back to back, their metrics collected on
+the device (`memjax.train.step_metrics`), and the host reads them only at log, evaluation,
+checkpoint and stop steps. A non-finite loss is found then, named by the step where it began;
+every checkpoint is written after such a read, so nothing from a diverged step on is saved.
+Files other than checkpoints are written by process 0 only.
 """
 
 import contextlib
-import functools
 import json
-import math
 import signal
 import sys
 import threading
@@ -30,17 +33,18 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 from memjax.config import to_dict
 from memjax.models import build_model
 from memjax.tasks.registry import TASKS
 from memjax.train import mesh as mesh_lib
-from memjax.train.checkpoint import Checkpointer, abstract_like
-from memjax.train.metrics import MetricWriter
+from memjax.train import step_metrics
+from memjax.train.checkpoint import Checkpointer, UnreadableCheckpoint, abstract_like
+from memjax.train.evaluators import build_evaluators
+from memjax.train.metrics import MetricWriter, NullWriter
 from memjax.train.optim import build_optimizer
-from memjax.train.step import TrainState, make_eval_step, make_train_step, pad_rows, prepare_batch
+from memjax.train.step import TrainState, make_train_step, prepare_batch
 
 
 class TrainingDiverged(RuntimeError):
@@ -53,7 +57,10 @@ class Preempted(RuntimeError):
 
 @contextlib.contextmanager
 def _stop_signals():
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (main thread only)."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (main thread only).
+
+    The previous handlers are restored on exit, whatever they were.
+    """
     flag = {"signal": None}
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -81,7 +88,10 @@ def _is_complete(result: dict, config) -> bool:
 
 
 class _RunningMeans:
-    """Sums of per-step train metrics since the last log; saved with checkpoints for exact resume."""
+    """Sums of per-step train metrics since the last log; saved with checkpoints for exact resume.
+
+    Sums are Python floats (float64) added one step at a time, in step order.
+    """
 
     def __init__(self, sums=None):
         self.sums = dict(sums or {})
@@ -111,79 +121,23 @@ def _check_task_and_model(task, model):
                          f"model.output_dim = {task.output_dim}")
 
 
-def evaluate(eval_step, params, test_sets, eval_batch_size, sharding, loss="cross_entropy",
-             probe_sets=None) -> dict:
-    """Per-segment accuracy `test/<segment>/accuracy` and pooled `test/accuracy` (over examples).
+def aux_loss_weights(cfg) -> dict[str, float]:
+    """`train.aux_loss_weights`, `"name=weight,..."` (or a mapping), as a dict.
 
-    With `probe_sets` (`TaskData.probe`, MQAR's key-swap recall probe): also, per probed segment,
-    `probe/<segment>/swapped_accuracy` (predictions scored against the swapped-in key's value) and
-    `probe/<segment>/original_accuracy` (against the value before the swap), and both pooled over
-    the probed examples as `probe/swapped_accuracy` and `probe/original_accuracy`. Recall shows as
-    swapped ~ test accuracy and original near chance; a model that ignores the key keeps original
-    ~ test accuracy. The probe calls the same `eval_step` on batches of the same shapes as the test
-    batches (no new compilation), once per label array: MQAR probes the first 250 of each
-    segment's 1000 test examples (`mqar.PROBE_EXAMPLES`), so evaluation costs about 1.5x.
-
-    For `loss="mse"`, `evaluate_mse` instead.
+    Names are those layers pass to `self.sow("losses", name, ...)`; a sown loss not named here
+    has weight 1.0.
     """
-    if loss == "mse":
-        return evaluate_mse(eval_step, params, test_sets, eval_batch_size, sharding)
-    score = functools.partial(_accuracies, eval_step, params, eval_batch_size=eval_batch_size,
-                              sharding=sharding)
-    results = score(test_sets, "test", {"labels": "accuracy"})
-    if probe_sets:
-        results |= score(probe_sets, "probe", {"swapped_labels": "swapped_accuracy",
-                                               "original_labels": "original_accuracy"})
-    return results
-
-
-def _accuracies(eval_step, params, datasets, prefix, metrics, *, eval_batch_size, sharding) -> dict:
-    """Zoology accuracy of `datasets` (slice name -> batches) against each label array of `metrics`.
-
-    `metrics` maps a label key of the batches (`int[B, T]`, beside `"inputs"`) to a metric name;
-    returns `<prefix>/<slice>/<name>` per slice, then `<prefix>/<name>` pooled over all examples.
-    Each batch is read once and scored against every label array.
-    """
-    results, pooled = {}, {key: [0.0, 0] for key in metrics}
-    for slice_name, batches in datasets.items():
-        sums = {key: [0.0, 0] for key in metrics}
-        for i in range(len(batches)):
-            raw = batches[i]
-            for key in metrics:
-                batch = {"inputs": raw["inputs"], "labels": raw[key]}
-                batch = pad_rows(prepare_batch(batch, "cross_entropy"), eval_batch_size)
-                acc_sum, n = eval_step(params, jax.device_put(batch, sharding))
-                sums[key][0] += float(acc_sum)
-                sums[key][1] += int(n)
-        for key, name in metrics.items():
-            results[f"{prefix}/{slice_name}/{name}"] = sums[key][0] / max(sums[key][1], 1)
-            pooled[key] = [pooled[key][0] + sums[key][0], pooled[key][1] + sums[key][1]]
-    for key, name in metrics.items():
-        results[f"{prefix}/{name}"] = pooled[key][0] / max(pooled[key][1], 1)
-    return results
-
-
-def evaluate_mse(eval_step, params, test_sets, eval_batch_size, sharding) -> dict:
-    """Per slice `test/<slice>/mse` and `test/<slice>/mse_by_position`; pooled `test/mse`.
-
-    A slice's `mse` is the mean squared error over all its supervised (example, position) pairs;
-    `mse_by_position[t]` the mean over its examples at position t (NaN if none is supervised
-    there). `test/mse` pools every supervised pair of every slice.
-    """
-    results, total, count = {}, 0.0, 0.0
-    for name, batches in test_sets.items():
-        sums, counts = 0.0, 0.0
-        for i in range(len(batches)):
-            batch = pad_rows(prepare_batch(batches[i], "mse"), eval_batch_size)
-            batch_sums, batch_counts = jax.device_get(eval_step(params, jax.device_put(batch, sharding)))
-            sums, counts = sums + np.asarray(batch_sums, np.float64), counts + np.asarray(batch_counts, np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            curve = np.where(counts > 0, sums / counts, np.nan)
-        results[f"test/{name}/mse"] = float(np.sum(sums) / max(np.sum(counts), 1.0))
-        results[f"test/{name}/mse_by_position"] = [float(v) for v in curve]
-        total, count = total + float(np.sum(sums)), count + float(np.sum(counts))
-    results["test/mse"] = total / max(count, 1.0)
-    return results
+    spec = cfg.get("aux_loss_weights", "")
+    if not isinstance(spec, str):
+        return {str(k): float(v) for k, v in dict(spec).items()}
+    weights = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"train.aux_loss_weights: {item!r} is not name=weight") from None
+    return weights
 
 
 def _scalars(metrics: dict) -> dict:
@@ -191,12 +145,72 @@ def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not isinstance(v, (list, tuple))}
 
 
+def _restore(checkpoints, abstract_state, model_config, fallback: bool, workdir: Path):
+    """`(step, state, extras)` of the newest checkpoint, or of the newest readable one.
+
+    When the newest is unreadable, the error names the newest readable checkpoint and how to
+    resume from it; with `fallback` (`train.restore_fallback`) the unreadable newer ones are
+    moved to `workdir/unreadable_checkpoints/` with a warning and training resumes from it.
+    """
+    steps = checkpoints.all_steps()
+    try:
+        return (steps[0], *checkpoints.restore(steps[0], abstract_state, model_config))
+    except UnreadableCheckpoint as error:
+        newest_error = error
+    for older in steps[1:]:
+        try:
+            state, extras = checkpoints.restore(older, abstract_state, model_config)
+        except UnreadableCheckpoint:
+            continue
+        newer = [s for s in steps if s > older]
+        if not fallback:
+            moves = " ".join(str(checkpoints.directory / str(s)) for s in newer)
+            raise UnreadableCheckpoint(
+                f"{newest_error}\nThe newest readable checkpoint is {checkpoints.directory}/{older} "
+                f"(step {older}). To resume from it, run again with "
+                f"--config.train.restore_fallback=True (which moves {moves} to "
+                f"{workdir}/unreadable_checkpoints/), or move those away yourself.") from None
+        for s in newer:
+            moved = checkpoints.set_aside(s, workdir / "unreadable_checkpoints")
+            print(f"warning: checkpoint step {s} is unreadable; moved to {moved}", file=sys.stderr)
+        print(f"warning: train.restore_fallback: resuming from step {older}", file=sys.stderr)
+        return older, state, extras
+    raise UnreadableCheckpoint(f"{newest_error}\nNo older checkpoint is readable either; delete "
+                               f"{checkpoints.directory} to start over.") from None
+
+
+class _Progress:
+    """A tqdm bar on a terminal; otherwise one line per log step (logs are not flooded)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int):
+        self.interactive = enabled and sys.stdout.isatty()
+        self.enabled, self.total = enabled, total
+        self.bar = tqdm(total=total, initial=initial, disable=not self.interactive,
+                        dynamic_ncols=True, file=sys.stdout)
+
+    def step(self):
+        self.bar.update(1)
+
+    def log(self, step: int, values: dict[str, float]):
+        text = {k: (f"{v:.3f}" if abs(v) < 1e4 else f"{v:.0f}") for k, v in values.items()}
+        if self.interactive:
+            self.bar.set_postfix(**text)
+        elif self.enabled:
+            print(f"step {step}/{self.total} " + " ".join(f"{k} {v}" for k, v in text.items()),
+                  flush=True)
+
+    def close(self):
+        self.bar.close()
+
+
 def train(config, workdir, hooks=()) -> dict:
     """Trains `config` in `workdir` (resuming if possible); returns the final result dict.
 
-    `hooks` are called as `hook(step, state)` after every step (for custom logging, or for tests
-    that simulate a crash). The result holds the final step, why training stopped, and the test
-    metrics; it is also written to `workdir/result.json`.
+    `hooks` are called as `hook(step, state)` after every step is dispatched (for custom
+    logging, or for tests that simulate a crash); they run on the host while the device may
+    still be computing, so one that reads `state` waits for it. The result holds the final step,
+    why training stopped, and the evaluation metrics; process 0 also writes it to
+    `workdir/result.json`.
     """
     workdir = Path(workdir).absolute()
     cfg = config.train
@@ -204,10 +218,14 @@ def train(config, workdir, hooks=()) -> dict:
     task = TASKS.get(config.task.name)(config.task, config.seed)
     model = build_model(to_dict(config.model))
     optimizer = build_optimizer(cfg)
+    weights = aux_loss_weights(cfg)
     mesh = mesh_lib.build_mesh(config.mesh.data)
     _check_batch_divisible(config, mesh)
     _check_task_and_model(task, model)
     replicated, batch_sharding = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
+    evaluate = build_evaluators(to_dict(config.get("evals")), task, model,
+                                config.task.eval_batch_size, batch_sharding)
+    is_writer = jax.process_index() == 0
 
     result_path = workdir / "result.json"
     if result_path.exists():
@@ -229,82 +247,120 @@ def train(config, workdir, hooks=()) -> dict:
 
     state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(config.seed))
     checkpoints = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
+    try:  # the checkpointer is closed however training ends (else Orbax's threads complain)
+        return _train_loop(config, workdir, hooks, task, model, state, checkpoints, evaluate,
+                           make_train_step(model, optimizer, task.loss, weights),
+                           replicated, batch_sharding, is_writer)
+    finally:
+        checkpoints.close()
+
+
+def _empty_buffer(train_step, state, batch, capacity: int, sharding):
+    """A `StepMetrics` buffer of `capacity` rows for the metrics `train_step` returns."""
+    names = list(jax.eval_shape(train_step, state, batch)[1])
+    return jax.jit(lambda: step_metrics.StepMetrics.empty(names, capacity), out_shardings=sharding)()
+
+
+def _train_loop(config, workdir, hooks, task, model, state, checkpoints, evaluate, train_step,
+                replicated, batch_sharding, is_writer) -> dict:
+    """Resumes from the latest checkpoint, trains to the end, evaluates; returns the result."""
+    cfg = config.train
     model_config = to_dict(config.model)
     train_iter = iter(task.train)
     running = _RunningMeans()
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        state, extras = checkpoints.restore(latest, abstract_like(state, replicated), model_config)
+    if checkpoints.latest_step() is not None:
+        restored, state, extras = _restore(checkpoints, abstract_like(state, replicated),
+                                           model_config, cfg.get("restore_fallback", False), workdir)
         train_iter.set_state(extras["data_iterator"])
         running = _RunningMeans(extras["running_sums"])
-        print(f"resumed from {checkpoints.directory}/{latest}")
+        print(f"resumed from {checkpoints.directory}/{restored}")
     start = int(state.step)
-    (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    if is_writer:
+        (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
-    def save(step):
+    step_fn = jax.jit(step_metrics.recording(train_step), donate_argnums=(0, 1))
+    clear = jax.jit(lambda b: jax.tree.map(jnp.zeros_like, b))
+    buffer = None  # made at the first step, whose trace names the metrics (aux ones included)
+    score = "mse" if task.loss == "mse" else "accuracy"  # the train metric shown beside the loss
+    writer = MetricWriter(workdir, resume_step=start) if is_writer else NullWriter()
+    progress = _Progress(cfg.progress_bar, cfg.steps, start)
+    stopped, test_metrics, step, saved = "steps", {}, start, None
+    # Throughput counts the train loop only (not evaluation or checkpoints): seconds are summed
+    # over the stretches between host reads, tokens over the steps in them.
+    window_seconds, window_tokens, window_start = 0.0, 0, time.perf_counter()
+
+    def read_metrics():
+        """Waits for the dispatched steps; adds their metrics to `running`; checks the loss."""
+        nonlocal buffer, window_seconds
+        rows, first_bad = step_metrics.read(buffer)
+        window_seconds += time.perf_counter() - window_start
+        if first_bad:
+            loss = rows[first_bad - (step - len(rows)) - 1]["loss"]
+            raise TrainingDiverged(
+                f"non-finite loss ({loss}) at step {first_bad}; stopping without saving "
+                f"(latest checkpoint: {checkpoints.latest_step()}). Lower train.lr or raise "
+                "train.warmup_steps.")
+        for row in rows:
+            running.add(row)
+        buffer = clear(buffer)
+
+    def save():
+        nonlocal saved
         checkpoints.save(step, state, {"data_iterator": train_iter.get_state(),
                                        "running_sums": running.sums, "model": model_config})
+        saved = step
 
-    train_step = jax.jit(make_train_step(model, optimizer, task.loss), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model, task.loss))
-    score = "mse" if task.loss == "mse" else "accuracy"  # the train metric shown beside the loss
-    writer = MetricWriter(workdir, resume_step=start)
-    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress_bar, dynamic_ncols=True,
-               file=sys.stdout)
-    stopped, test_metrics, step = "steps", {}, start
-    window_seconds, window_tokens = 0.0, 0  # train-step time only (not eval or checkpoints)
     try:
         with _stop_signals() as stop:
             while step < cfg.steps:
-                step_start = time.perf_counter()
                 batch = prepare_batch(next(train_iter), task.loss)
-                state, metrics = train_step(state, jax.device_put(batch, batch_sharding))
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                window_seconds += time.perf_counter() - step_start
+                if buffer is None:
+                    buffer = _empty_buffer(train_step, state, batch, cfg.log_every, replicated)
+                state, buffer = step_fn(state, buffer, jax.device_put(batch, batch_sharding))
                 step += 1
-                if not math.isfinite(metrics["loss"]):
-                    raise TrainingDiverged(
-                        f"non-finite loss ({metrics['loss']}) at step {step}; stopping without "
-                        f"saving (latest checkpoint: {checkpoints.latest_step()}). Lower train.lr "
-                        "or raise train.warmup_steps.")
-                running.add(metrics)
                 window_tokens += batch["inputs"].shape[0] * batch["inputs"].shape[1]
                 for hook in hooks:
                     hook(step, state)
-                if step % cfg.log_every == 0:
+                progress.step()
+                log = step % cfg.log_every == 0
+                evaluate_now = step % cfg.eval_every == 0 or step == cfg.steps
+                save_now = step % cfg.checkpoint_every == 0 or step == cfg.steps
+                if not (log or evaluate_now or save_now or stop["signal"]):
+                    continue
+                read_metrics()
+                if log:
                     logged = running.pop_means() | {"perf/tokens_per_s": window_tokens / window_seconds}
                     writer.write(step, logged)
-                    bar.set_postfix(loss=f"{logged['train/loss']:.3f}",
-                                    **{score[:3]: f"{logged[f'train/{score}']:.3f}"},
-                                    tok_s=f"{logged['perf/tokens_per_s']:.0f}")
-                    window_seconds, window_tokens = 0.0, 0  # train-step time only (not eval or checkpoints)
-                bar.update(1)
-                if step % cfg.eval_every == 0 or step == cfg.steps:
-                    test_metrics = evaluate(eval_step, state.params, task.test, config.task.eval_batch_size,
-                                            batch_sharding, task.loss, task.probe)
+                    progress.log(step, {"loss": logged["train/loss"],
+                                        score[:3]: logged[f"train/{score}"],
+                                        "tok_s": logged["perf/tokens_per_s"]})
+                    window_seconds, window_tokens = 0.0, 0
+                if evaluate_now:
+                    test_metrics = evaluate(state.params)
                     writer.write(step, _scalars(test_metrics))
-                    # Early stopping is for classification only (regression has no accuracy).
-                    if (cfg.target_accuracy and task.loss == "cross_entropy"
-                            and test_metrics["test/accuracy"] >= cfg.target_accuracy):
+                    if cfg.target_accuracy and test_metrics.get("test/accuracy", -1.0) >= cfg.target_accuracy:
                         stopped = "target_accuracy"
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopped != "steps":
-                    save(step)
+                if save_now or stopped != "steps":
+                    save()
                 if stopped != "steps":
                     break
-                if stop["signal"]:
-                    save(step)
+                # A signal may have landed at any point of this step, its evaluation or its
+                # save: stop here, saving this step unless it was just saved.
+                if stop["signal"] and step < cfg.steps:
+                    if saved != step:
+                        save()
                     raise Preempted(f"{stop['signal']} at step {step}: saved checkpoint "
                                     f"{checkpoints.directory}/{step}; run again to resume")
+                window_start = time.perf_counter()
     finally:
-        bar.close()
+        progress.close()
         writer.close()
-        checkpoints.close()
     if not test_metrics:  # resumed at the final step, which was saved but not evaluated yet
-        test_metrics = evaluate(eval_step, state.params, task.test, config.task.eval_batch_size,
-                                batch_sharding, task.loss, task.probe)
+        test_metrics = evaluate(state.params)
     result = {"step": step, "stopped": stopped, "num_params": int(num_params),
               "state_size_bytes": int(model.state_size(task.sample_length)),
               "workdir": str(workdir), "checkpoints": str(checkpoints.directory), **test_metrics}
-    result_path.write_text(json.dumps(result, indent=2) + "\n")
+    if is_writer:
+        (workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -1,5 +1,5 @@
-"""The MQAR key-swap recall probe: invariants of probed examples, and that evaluate() separates a
-model that recalls from one that ignores the query key."""
+"""The MQAR key-swap recall probe: invariants of probed examples, and that the trainer's
+evaluation separates a model that recalls from one that ignores the query key."""
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +11,7 @@ from memjax.tasks import mqar, recall_probe
 from memjax.tasks.data import IGNORE_INDEX
 from memjax.tasks.mqar import Segment
 from memjax.tasks.registry import TASKS
-from memjax.train.step import make_eval_step
-from memjax.train.trainer import evaluate
+from memjax.train.evaluators import build_evaluators
 
 V = 256
 
@@ -139,7 +138,7 @@ def test_probe_datasets_perturb_the_test_examples():
         assert np.all(probe["inputs"][~same] != test["inputs"][:n][~same])
 
 
-# evaluate() with two oracle "models": the same jitted eval step the trainer uses, a fake model.
+# The trainer's default evaluations (test accuracy, recall probe) with two oracle "models".
 
 
 class RecallOracle:
@@ -186,9 +185,8 @@ def _memorized(test_sets, vocab_size):
             "vocab": np.zeros(vocab_size)}
 
 
-def _evaluate(model, params, task, eval_batch_size):
-    step = jax.jit(make_eval_step(model))
-    return evaluate(step, params, task.test, eval_batch_size, None, "cross_entropy", task.probe)
+def _evaluate(model, params, task, eval_batch_size, evals=None):
+    return build_evaluators(evals, task, model, eval_batch_size, None)(params)
 
 
 def test_probe_separates_recall_from_a_prior():
@@ -219,6 +217,6 @@ def test_without_a_swap_the_prior_would_pass_for_recall(monkeypatch):
 
 def test_evaluate_without_probe_reports_test_accuracy_only():
     task, eval_batch_size = _task()
-    step = jax.jit(make_eval_step(RecallOracle()))
-    result = evaluate(step, {"vocab": np.zeros(8192)}, task.test, eval_batch_size, None)
+    result = _evaluate(RecallOracle(), {"vocab": np.zeros(8192)}, task, eval_batch_size,
+                       evals={"test": {"type": "accuracy"}})
     assert result["test/accuracy"] == 1.0 and not any(k.startswith("probe/") for k in result)
