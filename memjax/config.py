@@ -123,6 +123,8 @@ def train_config(steps: int = 3_000, lr: float = 3e-3) -> ml_collections.ConfigD
     train.weight_decay_exempt = "bias,norm,dynamics"
     # Classes that get Adam, not Muon, when optimizer = "muon" (Muon only on 2-D hidden matrices).
     train.muon_exempt = "embedding,head,conv,bias,norm,dynamics"
+    # Weights of losses layers sow (`self.sow("losses", name, ...)`): "name=weight,..."; 1.0 if unnamed.
+    train.aux_loss_weights = ""
     train.b1 = 0.9
     train.b2 = 0.98
     train.grad_clip = 1.0
@@ -132,6 +134,9 @@ def train_config(steps: int = 3_000, lr: float = 3e-3) -> ml_collections.ConfigD
     train.keep_checkpoints = 3
     train.target_accuracy = 0.99  # early stop once pooled test accuracy reaches it; 0 = off
     train.progress_bar = True
+    # An unreadable latest checkpoint: False stops, naming the newest readable one; True resumes
+    # from that one (moving the unreadable ones to <workdir>/unreadable_checkpoints) with a warning.
+    train.restore_fallback = False
     return train
 
 
