@@ -92,7 +92,7 @@ def _per_head(flops, formula):
 LINEAR_FLOPS = _per_head(lambda C, K, V: 4 * C * K + 4 * K * V, "4*C*K + 4*K*V")
 DELTA_FLOPS = _per_head(lambda C, K, V: 6 * C * K + 4 * C * V + 6 * K * V + C * C,
                         "6*C*K + 4*C*V + 6*K*V + C*C")
-SCAN_IMPLS = ("reference", "associative", "chunk")
+SCAN_IMPLS = ("reference", "scan", "chunk")
 
 
 def _rwkv7_inputs(key, B, T, H, K, V):

@@ -27,18 +27,17 @@ Forms (``impl``):
 - ``"chunk"``: chunkwise-parallel form (WY representation / UT transform). The work inside a
   chunk is batched over chunks; only the state passed from chunk to chunk is a ``lax.scan``
   over T / C steps. See ``_chunk_form`` for the equations and the memory layout.
-- ``"auto"``: the chunk form (no kernel has won a benchmark yet).
+- ``"pallas"``: a kernel registered in ``kernels/`` for the platform; ``"auto"``: the form
+  ``memjax.ops.dispatch.AUTO`` names (the chunk form on every platform today).
+
+T = 0 returns an empty output and the initial state.
 
 Gradients come from JAX autodiff of these forms, except two pieces of the chunk form with
 hand-written VJPs (the triangular solve of the UT transform and the chunk-to-chunk state
 recurrence), both checked against autodiff of the reference form in the tests.
 
-Speed on the shared 2-core CPU, forward + backward (jit of value_and_grad), B=1, H=8,
-K=V=128, T=4096, C=64, float32: reference 3.35 s, chunk 0.53 s (6.3x) in one run of
-``python scripts/bench.py --ops gated_delta_rule --T 4096 --modes fwdbwd --repeats 7``
-(repeated runs under varying machine load gave 5.3x to 8.8x). Forward only, the two forms
-are about equally fast there: the chunk form does about twice the multiply-adds of the
-recurrence (at C=64, K=V=128), which pays off only through the backward pass.
+Speed (docs/results/op_dispatch.md, docs/results/bench_delta_rule.json): the chunk form wins
+forward + backward on CPU; forward only the two forms are about equally fast.
 """
 
 from __future__ import annotations
@@ -48,66 +47,36 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from memjax.ops.linear_attention import (
-    _acc_dtype,
-    _check_chunk_size,
-    _check_rank,
-    _check_shape,
-    _default_scale,
-    _intra_chunk_decay,
-    _pad_time,
-    _validate,
+from memjax.ops import dispatch
+from memjax.ops._common import (
+    acc_dtype,
+    balanced_blocks,
+    cast,
+    check_chunk_size,
+    check_qkv,
+    check_shape,
+    default_scale,
+    empty_sequence,
+    from_blocks,
+    scan_over_time,
+    state_or_zeros,
+    to_blocks,
 )
+from memjax.ops.linear_attention import _intra_chunk_decay
 
 __all__ = ["delta_rule", "delta_rule_step"]
 
-IMPLS = ("auto", "reference", "chunk")
 
-# The chunk form runs an outer scan over groups of about this many tokens (see _chunk_form).
-_GROUP_TOKENS = 512
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation and dtype helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def _validate_seq(q, k, v, beta, g, initial_state) -> None:
-    """Check the shapes of a sequence call; beta is ``[B, T, H]``."""
-    _validate(q, k, v, g, initial_state)
-    B, T, H, _ = q.shape
-    _check_shape("beta", beta, (B, T, H), "[B, T, H]")
-
-
-def _validate_step(q, k, v, beta, state, g) -> None:
-    """Check the shapes of a one-token call (q, k ``[B,H,K]``, v ``[B,H,V]``, beta ``[B,H]``)."""
-    _check_rank("q", q, 3, "[B, H, K]")
-    _check_rank("k", k, 3, "[B, H, K]")
-    _check_rank("v", v, 3, "[B, H, V]")
-    B, H, K = q.shape
-    V = v.shape[-1]
-    _check_shape("k", k, (B, H, K), "[B, H, K] (same as q)")
-    _check_shape("v", v, (B, H, V), "[B, H, V] (B, H as q)")
-    _check_shape("beta", beta, (B, H), "[B, H]")
-    _check_shape("state", state, (B, H, K, V), "[B, H, K, V]")
-    if g is not None:
-        _check_shape("g", g, (B, H), "[B, H]")
-
-
-def _prepare(q, k, v, beta, g, initial_state):
-    """Cast everything to the accumulation dtype; initial_state=None becomes zeros.
-
-    g stays None when absent (the forms then skip every decay factor).
-    """
-    B, _, H, K = q.shape
-    V = v.shape[-1]
-    acc = _acc_dtype(q, k, v, beta, g)
-    if initial_state is None:
-        state = jnp.zeros((B, H, K, V), acc)
-    else:
-        state = initial_state.astype(acc)
-    g = None if g is None else g.astype(acc)
-    return q.astype(acc), k.astype(acc), v.astype(acc), beta.astype(acc), g, state
+def _validate(q, k, v, beta, g, state, *, step: bool) -> None:
+    """Shapes of a sequence call (beta, g ``[B, T, H]``) or, with ``step``, a one-token call
+    (no T axis; the state is required)."""
+    check_qkv(q, k, v, step=step)
+    lead = q.shape[:-1]  # (B, T, H) or (B, H)
+    what = "[B, H]" if step else "[B, T, H]"
+    check_shape("beta", beta, lead, what)
+    check_shape("g", g, lead, what)
+    B, H, K, V = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
+    check_shape("state" if step else "initial_state", state, (B, H, K, V), "[B, H, K, V]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,18 +115,10 @@ def delta_rule_step(q, k, v, beta, state, g=None, *, scale=None):
       ``(o, new_state)``: o ``[B, H, V]`` in v's dtype; new_state ``[B, H, K, V]`` in float32
       (float64 for float64 inputs).
     """
-    _validate_step(q, k, v, beta, state, g)
-    acc = _acc_dtype(q, k, v, beta, g)
-    scale = _default_scale(scale, q.shape[-1])
-    o, new_state = _step(
-        q.astype(acc),
-        k.astype(acc),
-        v.astype(acc),
-        beta.astype(acc),
-        None if g is None else g.astype(acc),
-        state.astype(acc),
-        scale,
-    )
+    _validate(q, k, v, beta, g, state, step=True)
+    acc = acc_dtype(q, k, v, beta, g)
+    scale = default_scale(scale, q.shape[-1])
+    o, new_state = _step(*cast(acc, q, k, v, beta, g, state), scale)
     return o.astype(v.dtype), new_state
 
 
@@ -168,21 +129,17 @@ def delta_rule_step(q, k, v, beta, state, g=None, *, scale=None):
 
 @jax.jit
 def _reference_form(q, k, v, beta, g, initial_state, scale):
-    """Token-by-token scan of the recurrence. Returns (o in v's dtype, final state)."""
-    out_dtype = v.dtype
-    q, k, v, beta, g, state = _prepare(q, k, v, beta, g, initial_state)
+    """Token-by-token scan of the recurrence. Returns (o in v's dtype, final state).
 
-    # Rematerialise the step in the backward pass: autodiff then keeps one [B, H, K, V] state
-    # per token (the carry) instead of three (about 1.5 MiB per token at H=8, K=V=128).
-    @functools.partial(jax.checkpoint, prevent_cse=False)  # CSE is no risk inside a scan
-    def body(s, xs):
-        q_t, k_t, v_t, beta_t, g_t = xs
-        o_t, s = _step(q_t, k_t, v_t, beta_t, g_t, s, scale)
-        return s, o_t
-
-    time_major = [None if x is None else jnp.moveaxis(x, 1, 0) for x in (q, k, v, beta, g)]
-    state, o = jax.lax.scan(body, state, time_major)
-    return jnp.moveaxis(o, 0, 1).astype(out_dtype), state
+    Each step is rematerialised in the backward pass: autodiff then keeps one [B, H, K, V]
+    state per token (the carry) instead of three (about 1.5 MiB per token at H=8, K=V=128).
+    """
+    B, _, H, K = q.shape
+    acc = acc_dtype(q, k, v, beta, g)
+    state = state_or_zeros(initial_state, (B, H, K, v.shape[-1]), acc)
+    step = lambda s, *x_t: _step(*x_t, s, scale)  # noqa: E731
+    o, state = scan_over_time(step, state, cast(acc, q, k, v, beta, g), remat=True)
+    return o.astype(v.dtype), state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,29 +372,20 @@ def _chunk_form(q, k, v, beta, g, initial_state, scale, *, chunk_size: int, grou
     K = V = 128: 66 MiB instead of 384 MiB).
     """
     B, T, H, K = q.shape
-    V = v.shape[-1]
     C = chunk_size
-    out_dtype = v.dtype
-    q, k, v, beta, g, state = _prepare(q, k, v, beta, g, initial_state)
-    n_chunks = -(-T // C)
-    n_groups = -(-n_chunks // group_size)
-    G = -(-n_chunks // n_groups)  # balance the groups: at most n_groups - 1 padded chunks
-    T_pad = n_groups * G * C
+    acc = acc_dtype(q, k, v, beta, g)
+    state = state_or_zeros(initial_state, (B, H, K, v.shape[-1]), acc)
+    n_groups, G = balanced_blocks(T, C, group_size)
 
     # Zero padding at the end is an exact no-op on the final state: beta = k = 0 makes the
     # padded rows of A, W and U zero, so V_new = 0 there and k = 0 adds nothing; g = 0 leaves
     # b_C equal to the last real token's b. Padded outputs are sliced off.
-    def grouped(x):  # [B, T, H, ...] -> [groups, B, G*C, H, ...] (no copy when B = 1)
-        x = _pad_time(x, T_pad)
-        return jnp.moveaxis(x.reshape(B, n_groups, G * C, *x.shape[2:]), 1, 0)
-
-    xs = tuple(None if x is None else grouped(x) for x in (q, k, v, beta, g))
+    xs = tuple(to_blocks(x, n_groups, G * C) for x in cast(acc, q, k, v, beta, g))
     body = jax.checkpoint(
         functools.partial(_chunk_group, group_size=G, scale=scale), prevent_cse=False
     )
     state, o = jax.lax.scan(body, state, xs)  # o: [groups, B, G*C, H, V]
-    o = jnp.moveaxis(o, 0, 1).reshape(B, T_pad, H, V)[:, :T]
-    return o.astype(out_dtype), state
+    return from_blocks(o, T).astype(v.dtype), state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,7 +411,7 @@ def delta_rule(
         None means no decay (DeltaNet).
       scale: output scale, default ``K ** -0.5``.
       initial_state: ``[B, H, K, V]`` state before the first token; None means zeros.
-      impl: ``"reference"``, ``"chunk"`` or ``"auto"`` (currently the chunk form).
+      impl: ``"reference"``, ``"chunk"``, ``"pallas"`` or ``"auto"`` (``memjax.ops.dispatch``).
       chunk_size: tokens per chunk for the chunk form (any positive int; T need not be a
         multiple; chunks longer than T are shortened to T).
 
@@ -471,16 +419,22 @@ def delta_rule(
       ``(o, final_state)``: o ``[B, T, H, V]`` in v's dtype; final_state ``[B, H, K, V]`` in
       float32 (float64 when the inputs are float64).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    chunk_size = _check_chunk_size(chunk_size)
-    _validate_seq(q, k, v, beta, g, initial_state)
-
-    scale = _default_scale(scale, q.shape[-1])
+    form = dispatch.resolve("delta_rule", impl)
+    chunk_size = check_chunk_size(chunk_size)
+    _validate(q, k, v, beta, g, initial_state, step=False)
+    B, T, H, K = q.shape
+    scale = default_scale(scale, K)
+    if T == 0:
+        acc = acc_dtype(q, k, v, beta, g)
+        return empty_sequence(v.shape, v.dtype, initial_state, (B, H, K, v.shape[-1]), acc)
+    if form == "pallas":
+        return dispatch.kernel("delta_rule")(
+            q, k, v, beta, g, scale=scale, initial_state=initial_state, chunk_size=chunk_size
+        )
     args = (q, k, v, beta, g, initial_state, scale)
-    if impl == "reference" or q.shape[1] == 0:  # an empty sequence has no chunks
+    if form == "reference":
         return _reference_form(*args)
-    # "chunk" and "auto". A chunk longer than the sequence would only add padding work.
-    chunk_size = max(1, min(chunk_size, q.shape[1]))
-    group_size = max(1, _GROUP_TOKENS // chunk_size)
+    # A chunk longer than the sequence would only add padding work.
+    chunk_size = min(chunk_size, T)
+    group_size = max(1, dispatch.tuning("delta_rule")["group_tokens"] // chunk_size)
     return _chunk_form(*args, chunk_size=chunk_size, group_size=group_size)

@@ -19,27 +19,23 @@ the state is ``[B, H, N]`` complex. Forms (``impl``):
   the free response ``2 Re(sum_n C_n Lambda_bar_n^(l+1) x0_n)``; the final state is the closed
   form ``x_T = sum_l Lambda_bar^(T-1-l) B_bar u_l + Lambda_bar^T x0`` (one more Vandermonde
   contraction), so split-and-resume works without running the recurrence.
-- ``"scan"``: the recurrence by ``linear_scan(impl="associative")``.
+- ``"scan"``: the recurrence by ``linear_scan(impl="scan")`` (an associative scan).
 - ``"reference"``: token by token with ``lax.scan``; the source of truth.
-- ``"auto"``: conv. Measured with ``scripts/bench.py`` on a 2-core CPU, forward+backward time
-  relative to reference: at a training shape (B=16, T=256, H=128, N=16;
-  docs/results/bench_ssm_scans_batch16.json) conv 0.11x and scan 1.7x; at B=64, T=65, H=64,
-  N=32 conv 0.04x. The kernel is built once for the whole batch, while the recurrence's cost
-  grows with B. Only with one sequence and long T does the [H, N, T] kernel cost more than the
-  recurrence (B=1, H=256, N=16, docs/results/bench_ssm_scans.json: conv 1.8x at T=1024, 1.5x
-  at T=16384).
+- ``"pallas"``: a registered kernel; ``"auto"``: ``memjax.ops.dispatch.AUTO`` (conv: at training
+  batch sizes the kernel, built once for the whole batch, beats the recurrence, whose cost grows
+  with B; only one long sequence favours the recurrence; docs/results/op_dispatch.md).
 
 **S5** (MIMO, one shared state of P complex modes): u ``[B, T, H]``; Lambda ``[P]``; B ``[P, H]``;
 C ``[H, P]``; log_dt ``[P]`` (one step per mode); D ``[H]``; the state is ``[B, P]`` complex.
 ``x_t = Lambda_bar x_{t-1} + B_bar u_t`` and ``y_t = 2 Re(C x_t) + D u_t`` (``conj_sym=False``:
-``Re(C x_t) + D u_t``). Forms: ``"associative"`` (``linear_scan``), ``"chunk"`` (``linear_scan``
-blocked by ``chunk_size``), ``"reference"`` (``lax.scan``), ``"auto"`` (associative: at B=16, T=256,
-H=128, P=16 its forward+backward took 0.81x the reference form's time, in
-docs/results/bench_ssm_scans_batch16.json).
+``Re(C x_t) + D u_t``). Forms: ``"scan"`` (``linear_scan``'s associative scan), ``"chunk"``
+(``linear_scan`` blocked by ``chunk_size``), ``"reference"`` (``lax.scan``), ``"pallas"``, ``"auto"``
+(``memjax.ops.dispatch.AUTO``: scan, measured in docs/results/op_dispatch.md).
 
 Arithmetic is in ``promote_types(inputs, complex64)``: complex64 / float32 for float32 or
 bfloat16 inputs, complex128 / float64 when everything is float64 under ``jax_enable_x64``. y has
-u's dtype; the state is returned in the complex accumulation dtype. Gradients are JAX autodiff.
+u's dtype; the state is returned in the complex accumulation dtype (T = 0: the initial state).
+Gradients are JAX autodiff.
 Each family has a one-token ``*_step`` for decoding.
 """
 
@@ -50,13 +46,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from memjax.ops.linear_attention import _check_chunk_size
+from memjax.ops import dispatch
+from memjax.ops._common import acc_dtype, check_chunk_size, check_shape, empty_sequence
 from memjax.ops.scan import linear_scan
 
-__all__ = ["S4D_IMPLS", "S5_IMPLS", "discretize", "s4d", "s4d_step", "s5", "s5_step"]
+__all__ = ["discretize", "s4d", "s4d_step", "s5", "s5_step"]
 
-S4D_IMPLS = ("auto", "conv", "scan", "reference")
-S5_IMPLS = ("auto", "associative", "chunk", "reference")
 DISCRETIZATIONS = ("zoh", "bilinear")
 
 
@@ -72,8 +67,7 @@ def discretize(Lambda, dt, method: str = "zoh"):
     logarithm of ``Lambda_bar`` (``dt Lambda`` for ZOH), used for powers ``Lambda_bar^l =
     exp(l log_Lambda_bar)``.
     """
-    if method not in DISCRETIZATIONS:
-        raise ValueError(f"discretization must be one of {DISCRETIZATIONS}, got {method!r}")
+    _check_discretization(method)
     z = dt * Lambda
     if method == "zoh":
         Lambda_bar = jnp.exp(z)
@@ -86,14 +80,8 @@ def discretize(Lambda, dt, method: str = "zoh"):
 
 def _dtypes(*arrays):
     """(complex accumulation dtype, its real counterpart) of the given arrays."""
-    present = [a for a in arrays if a is not None]
-    cdt = jnp.promote_types(jnp.result_type(*present), jnp.complex64)
+    cdt = acc_dtype(*arrays, least=jnp.complex64)
     return cdt, jnp.finfo(cdt).dtype
-
-
-def _shape_error(name, x, expected, what):
-    if tuple(x.shape) != tuple(expected):
-        raise ValueError(f"{name} must have shape {what} = {tuple(expected)}, got {tuple(x.shape)}")
 
 
 def _check_discretization(method):
@@ -105,11 +93,11 @@ def _validate_s4d_params(Lambda, B, C, log_dt, D):
     if Lambda.ndim != 2:
         raise ValueError(f"Lambda must have rank 2 [H, N], got shape {tuple(Lambda.shape)}")
     H, N = Lambda.shape
-    _shape_error("B", B, (H, N), "[H, N] (as Lambda)")
-    _shape_error("C", C, (H, N), "[H, N] (as Lambda)")
-    _shape_error("log_dt", log_dt, (H,), "[H]")
+    check_shape("B", B, (H, N), "[H, N] (as Lambda)")
+    check_shape("C", C, (H, N), "[H, N] (as Lambda)")
+    check_shape("log_dt", log_dt, (H,), "[H]")
     if D is not None:
-        _shape_error("D", D, (H,), "[H]")
+        check_shape("D", D, (H,), "[H]")
     return H, N
 
 
@@ -120,10 +108,10 @@ def _validate_s5_params(Lambda, B, C, log_dt, D):
     if B.ndim != 2 or B.shape[0] != P:
         raise ValueError(f"B must have shape [P, H] with P = {P}, got {tuple(B.shape)}")
     H = B.shape[1]
-    _shape_error("C", C, (H, P), "[H, P]")
-    _shape_error("log_dt", log_dt, (P,), "[P]")
+    check_shape("C", C, (H, P), "[H, P]")
+    check_shape("log_dt", log_dt, (P,), "[P]")
     if D is not None:
-        _shape_error("D", D, (H,), "[H]")
+        check_shape("D", D, (H,), "[H]")
     return P, H
 
 
@@ -170,7 +158,7 @@ def s4d_step(u, state, Lambda, B, C, log_dt, D=None, *, discretization="zoh"):
     H, N = _validate_s4d_params(Lambda, B, C, log_dt, D)
     if u.ndim != 2 or u.shape[1] != H:
         raise ValueError(f"u must have shape [B, H] with H = {H}, got {tuple(u.shape)}")
-    _shape_error("state", state, (u.shape[0], H, N), "[B, H, N]")
+    check_shape("state", state, (u.shape[0], H, N), "[B, H, N]")
     out_dtype = u.dtype
     u, Lambda, B, C, log_dt, D, state = _s4d_cast(u, Lambda, B, C, log_dt, D, state)
     Lambda_bar, B_bar, _ = _s4d_discrete(Lambda, B, log_dt, discretization)
@@ -210,8 +198,7 @@ def _s4d_conv(u, Lambda_bar, B_bar, log_Lambda_bar, C, D, x0):
 def _s4d_recurrent(u, Lambda_bar, B_bar, C, D, x0, impl):
     a = jnp.broadcast_to(Lambda_bar, (*u.shape, Lambda_bar.shape[-1]))
     b = B_bar * u[..., None]
-    x, final = linear_scan(a, b, initial_state=x0,
-                           impl="associative" if impl == "scan" else "reference")
+    x, final = linear_scan(a, b, initial_state=x0, impl=impl)
     return _s4d_readout(C, x, D, u), final
 
 
@@ -240,28 +227,27 @@ def s4d(u, Lambda, B, C, log_dt, D=None, *, initial_state=None, discretization="
       initial_state: ``[B, H, N]`` complex state before the first token (None: zeros).
       discretization: ``"zoh"`` or ``"bilinear"``.
       impl: ``"conv"`` (FFT convolution), ``"scan"`` (associative scan), ``"reference"``
-        (``lax.scan``) or ``"auto"`` (conv).
+        (``lax.scan``), ``"pallas"`` or ``"auto"`` (``memjax.ops.dispatch``).
 
     Returns:
       ``(y [B, T, H] in u's dtype, final_state [B, H, N] complex)``.
     """
-    if impl not in S4D_IMPLS:
-        raise ValueError(f"impl must be one of {S4D_IMPLS}, got {impl!r}")
+    form = dispatch.resolve("s4d", impl)
     _check_discretization(discretization)
     H, N = _validate_s4d_params(Lambda, B, C, log_dt, D)
     _validate_u(u, H)
-    if initial_state is not None:
-        _shape_error("initial_state", initial_state, (u.shape[0], H, N), "[B, H, N]")
+    check_shape("initial_state", initial_state, (u.shape[0], H, N), "[B, H, N]")
     if u.shape[1] == 0:
         return _empty(u, initial_state, (u.shape[0], H, N), Lambda, B, C, log_dt, D)
-    impl = "conv" if impl == "auto" else impl
-    return _s4d(u, Lambda, B, C, log_dt, D, initial_state, discretization, impl)
+    if form == "pallas":
+        return dispatch.kernel("s4d")(u, Lambda, B, C, log_dt, D, initial_state=initial_state,
+                                      discretization=discretization)
+    return _s4d(u, Lambda, B, C, log_dt, D, initial_state, discretization, form)
 
 
 def _empty(u, initial_state, state_shape, *params):
     cdt, _ = _dtypes(u, *params, initial_state)
-    state = jnp.zeros(state_shape, cdt) if initial_state is None else initial_state.astype(cdt)
-    return jnp.zeros(u.shape, u.dtype), state
+    return empty_sequence(u.shape, u.dtype, initial_state, state_shape, cdt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +280,7 @@ def s5_step(u, state, Lambda, B, C, log_dt, D=None, *, discretization="zoh", con
     P, H = _validate_s5_params(Lambda, B, C, log_dt, D)
     if u.ndim != 2 or u.shape[1] != H:
         raise ValueError(f"u must have shape [B, H] with H = {H}, got {tuple(u.shape)}")
-    _shape_error("state", state, (u.shape[0], P), "[B, P]")
+    check_shape("state", state, (u.shape[0], P), "[B, P]")
     out_dtype = u.dtype
     u, Lambda_bar, B_bar, C, D, state = _s5_prepare(u, Lambda, B, C, log_dt, D, state,
                                                     discretization)
@@ -325,23 +311,24 @@ def s5(u, Lambda, B, C, log_dt, D=None, *, initial_state=None, discretization="z
       discretization: ``"zoh"`` or ``"bilinear"``.
       conj_sym: the P modes stand for conjugate pairs, so the output is ``2 Re(C x)``; with
         False it is ``Re(C x)``.
-      impl: ``"associative"``, ``"chunk"``, ``"reference"`` or ``"auto"``
-        (associative).
+      impl: ``"scan"``, ``"chunk"``, ``"reference"``, ``"pallas"`` or ``"auto"``
+        (``memjax.ops.dispatch``).
       chunk_size: block length of the chunk form.
 
     Returns:
       ``(y [B, T, H] in u's dtype, final_state [B, P] complex)``.
     """
-    if impl not in S5_IMPLS:
-        raise ValueError(f"impl must be one of {S5_IMPLS}, got {impl!r}")
+    form = dispatch.resolve("s5", impl)
     _check_discretization(discretization)
-    chunk_size = _check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     P, H = _validate_s5_params(Lambda, B, C, log_dt, D)
     _validate_u(u, H)
-    if initial_state is not None:
-        _shape_error("initial_state", initial_state, (u.shape[0], P), "[B, P]")
+    check_shape("initial_state", initial_state, (u.shape[0], P), "[B, P]")
     if u.shape[1] == 0:
         return _empty(u, initial_state, (u.shape[0], P), Lambda, B, C, log_dt, D)
-    impl = "associative" if impl == "auto" else impl
-    return _s5(u, Lambda, B, C, log_dt, D, initial_state, discretization, bool(conj_sym), impl,
+    if form == "pallas":
+        return dispatch.kernel("s5")(u, Lambda, B, C, log_dt, D, initial_state=initial_state,
+                                     discretization=discretization, conj_sym=conj_sym,
+                                     chunk_size=chunk_size)
+    return _s5(u, Lambda, B, C, log_dt, D, initial_state, discretization, bool(conj_sym), form,
                chunk_size)

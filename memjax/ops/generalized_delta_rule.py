@@ -23,24 +23,21 @@ Forms (``impl``):
 - ``"reference"``: token-by-token ``lax.scan``; the source of truth.
 - ``"chunk"``: chunkwise-parallel form (a per-channel-decay WY / UT transform; equations in
   ``_chunk_form``). ``chunk_size`` must be a multiple of 16.
-- ``"auto"``: the chunk form (no kernel has won a benchmark yet).
+- ``"pallas"``: a kernel registered in ``kernels/`` for the platform; ``"auto"``: the form
+  ``memjax.ops.dispatch.AUTO`` names (the chunk form on every platform today).
+
+T = 0 returns an empty output and the initial state.
 
 Gradients: JAX autodiff for the reference form; a hand-written backward pass for the chunk form
 (``_chunk_block_bwd``), checked against autodiff of the reference form in the tests.
 
-Speed on the shared 2-core CPU, B=1, H=8, K=V=128, C=64, float32, from one run of
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python scripts/bench.py --ops generalized_delta_rule
---T 1024,4096,16384,65536`` (docs/results/bench_generalized_delta_rule.json): at T=4096 the
-chunk form's forward + backward takes 0.54 s against the reference's 1.86 s (3.4x; another run
-under heavier load gave 2.7x) with 71 MiB of temporaries instead of 4.2 GiB, and grows linearly
-(T=65536: 7.7 s, 1.0 GiB). Its forward alone is 1.6x slower than the reference scan (0.119 s
-against 0.073 s): it does about 1.5x the reference's multiply-adds (four K x V products per token
-plus the per-channel pair matrices, ~115K per token and head at C=64), XLA runs both forms on one
-core, and the elementwise work and copies (mostly the pair hierarchy's small products, transposes
-and assembly) take about as long as the matmuls. C=32 is about 20% faster than C=64 here (fewer
-multiply-adds per token).
+Speed (docs/results/op_dispatch.md, docs/results/bench_generalized_delta_rule.json): the chunk
+form wins forward + backward on CPU (about 3x at T=4096, with a fraction of the reference's
+temporary memory) and is slower forward only: it does about 1.5x the reference's multiply-adds
+(four K x V products per token plus the per-channel pair matrices), and the elementwise work
+and copies of the pair hierarchy take about as long as the matmuls.
 
-Memory of the chunk form: an outer ``lax.scan`` over blocks of ``_BLOCK_TOKENS`` tokens carries
+Memory of the chunk form: an outer ``lax.scan`` over blocks of chunks (``dispatch.TUNING``) carries
 the state; everything inside a block is batched over its chunks and heads and stays in cache.
 The forward pass keeps only each block's start state for the backward pass, which recomputes a
 block's intermediates when it gets there. Temporary memory is therefore O(T / L * K * V) for the
@@ -67,30 +64,31 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from memjax.ops.delta_rule import _unit_lower_inverse
-from memjax.ops.linear_attention import (
-    _acc_dtype,
-    _check_chunk_size,
-    _check_rank,
-    _check_shape,
-    _default_scale,
-    _pad_time,
+from memjax.ops import dispatch
+from memjax.ops._common import (
+    acc_dtype,
+    balanced_blocks,
+    cast,
+    check_chunk_size,
+    check_qkv,
+    check_rank,
+    check_shape,
+    default_scale,
+    empty_sequence,
+    from_blocks,
+    from_heads,
+    scan_over_time,
+    state_or_zeros,
+    to_blocks,
+    to_heads,
 )
+from memjax.ops.delta_rule import _unit_lower_inverse
 
 __all__ = ["generalized_delta_rule", "generalized_delta_rule_step"]
-
-IMPLS = ("auto", "reference", "chunk")
 
 # Chunk sizes must be multiples of this (the contract of the chunk form; the pair hierarchy
 # itself only needs multiples of _LEAF).
 SUB_CHUNK = 16
-
-# Chunk form blocking: tokens per step of the outer scan (at least one chunk), and the most
-# chunks per step. Measured on a 2-core CPU (B=1, H=8, K=V=128, C = 16 ... 128): one chunk per
-# step was the fastest forward and forward + backward (its operands stay in cache); C = 16 takes
-# two per step so that the saved states (one per step) stay at most one per 32 tokens.
-_BLOCK_TOKENS = 32
-_MAX_BLOCK_CHUNKS = 32
 # Tokens per leaf block of the pair hierarchy (see ``_pairs``).
 _LEAF = 4
 
@@ -100,39 +98,21 @@ _LEAF = 4
 # ---------------------------------------------------------------------------------------------
 
 
-def _validate(q, k, v, g, a, b, initial_state) -> None:
-    """Check the shapes of a sequence call (q, k, g, a, b ``[B,T,H,K]``, v ``[B,T,H,V]``)."""
-    _check_rank("q", q, 4, "[B, T, H, K]")
-    _check_rank("v", v, 4, "[B, T, H, V]")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    for name, x in (("k", k), ("g", g), ("a", a), ("b", b)):
-        if x is None and name == "g":
-            continue
-        _check_rank(name, x, 4, "[B, T, H, K]")
-        _check_shape(name, x, (B, T, H, K), "[B, T, H, K] (same as q)")
-    _check_shape("v", v, (B, T, H, V), "[B, T, H, V] (B, T, H as q)")
-    if initial_state is not None:
-        _check_shape("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
-
-
-def _validate_step(q, k, v, g, a, b, state) -> None:
-    """Check the shapes of a one-token call (q, k, g, a, b ``[B,H,K]``, v ``[B,H,V]``)."""
-    _check_rank("q", q, 3, "[B, H, K]")
-    _check_rank("v", v, 3, "[B, H, V]")
-    B, H, K = q.shape
-    V = v.shape[-1]
-    for name, x in (("k", k), ("g", g), ("a", a), ("b", b)):
-        if x is None and name == "g":
-            continue
-        _check_rank(name, x, 3, "[B, H, K]")
-        _check_shape(name, x, (B, H, K), "[B, H, K] (same as q)")
-    _check_shape("v", v, (B, H, V), "[B, H, V] (B, H as q)")
-    _check_shape("state", state, (B, H, K, V), "[B, H, K, V]")
+def _validate(q, k, v, g, a, b, state, *, step: bool) -> None:
+    """Shapes of a sequence call (q, k, g, a, b ``[B, T, H, K]``, v ``[B, T, H, V]``) or, with
+    ``step``, a one-token call (no T axis; the state is required)."""
+    check_qkv(q, k, v, step=step)
+    what = "[B, H, K]" if step else "[B, T, H, K]"
+    for name, x in (("g", g), ("a", a), ("b", b)):
+        if x is not None or name != "g":  # g=None means no decay
+            check_rank(name, x, q.ndim, what)
+            check_shape(name, x, q.shape, f"{what} (same as q)")
+    B, H, K, V = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
+    check_shape("state" if step else "initial_state", state, (B, H, K, V), "[B, H, K, V]")
 
 
 def _check_gdr_chunk_size(chunk_size) -> int:
-    c = _check_chunk_size(chunk_size)
+    c = check_chunk_size(chunk_size)
     if c % SUB_CHUNK:
         raise ValueError(
             f"chunk_size must be a positive multiple of {SUB_CHUNK}, got {c}"
@@ -140,13 +120,12 @@ def _check_gdr_chunk_size(chunk_size) -> int:
     return c
 
 
-def _prepare(q, k, v, g, a, b, initial_state):
-    """Cast to the accumulation dtype; g=None becomes zeros, initial_state=None zeros."""
-    B, H, K, V = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
-    acc = _acc_dtype(q, k, v, g, a, b)
-    g = jnp.zeros(q.shape, acc) if g is None else g.astype(acc)  # exp(0) = 1: no decay
-    state = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state.astype(acc)
-    return (*(x.astype(acc) for x in (q, k, v)), g, a.astype(acc), b.astype(acc), state)
+def _prepare(q, k, v, g, a, b, state):
+    """Cast to the accumulation dtype (g=None becomes zeros: exp(0) = 1, no decay); the state
+    must be given."""
+    acc = acc_dtype(q, k, v, g, a, b)
+    g = jnp.zeros(q.shape, acc) if g is None else g
+    return cast(acc, q, k, v, g, a, b, state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,9 +166,8 @@ def generalized_delta_rule_step(q, k, v, g, a, b, state, *, scale=None):
       ``(o, new_state)``: o ``[B, H, V]`` in v's dtype; new_state ``[B, H, K, V]`` in float32
       (float64 for float64 inputs).
     """
-    _validate_step(q, k, v, g, a, b, state)
-    scale = _default_scale(scale, q.shape[-1])
-    # _prepare reads B, H, K from q.shape[0], [-2], [-1]: valid for [B, H, K] too.
+    _validate(q, k, v, g, a, b, state, step=True)
+    scale = default_scale(scale, q.shape[-1])
     *xs, state = _prepare(q, k, v, g, a, b, state)
     o, new_state = _step(*xs, state, scale)
     return o.astype(v.dtype), new_state
@@ -203,32 +181,16 @@ def generalized_delta_rule_step(q, k, v, g, a, b, state, *, scale=None):
 @jax.jit
 def _reference_form(q, k, v, g, a, b, initial_state, scale):
     """Token-by-token scan of the recurrence. Returns (o in v's dtype, final state)."""
-    out_dtype = v.dtype
-    *xs, state = _prepare(q, k, v, g, a, b, initial_state)
-
-    def body(s, x):
-        o_t, s = _step(*x, s, scale)
-        return s, o_t
-
-    state, o = jax.lax.scan(body, state, [jnp.moveaxis(x, 1, 0) for x in xs])
-    return jnp.moveaxis(o, 0, 1).astype(out_dtype), state
+    B, _, H, K = q.shape
+    state = state_or_zeros(initial_state, (B, H, K, v.shape[-1]), acc_dtype(q, k, v, g, a, b))
+    *xs, state = _prepare(q, k, v, g, a, b, state)
+    o, state = scan_over_time(lambda s, *x_t: _step(*x_t, s, scale), state, xs)
+    return o.astype(v.dtype), state
 
 
 # ---------------------------------------------------------------------------------------------
 # Chunk form
 # ---------------------------------------------------------------------------------------------
-
-
-def _to_heads(x, M: int, C: int):
-    """``[B, M*C, H, D]`` -> ``[B, H, M, C, D]``."""
-    B, _, H, D = x.shape
-    return x.reshape(B, M, C, H, D).transpose(0, 3, 1, 2, 4)
-
-
-def _from_heads(x):
-    """``[B, H, M, C, D]`` -> ``[B, M*C, H, D]`` (inverse of ``_to_heads``)."""
-    B, H, M, C, D = x.shape
-    return x.transpose(0, 2, 3, 1, 4).reshape(B, M * C, H, D)
 
 
 def _pad_chunk(x, value=0.0):
@@ -418,7 +380,7 @@ def _block_operands(xs, C: int, acc):
     """
     q, k, v, g, a, b = (x.astype(acc) for x in xs)
     M = q.shape[1] // C
-    q, k, v, g, a, b = (_to_heads(x, M, C) for x in (q, k, v, g, a, b))
+    q, k, v, g, a, b = (to_heads(x, M, C) for x in (q, k, v, g, a, b))
     f = _decay_factors(jnp.exp(g))
     w = f["w"][..., :C, :]
     ops = dict(M=M, C=C, q=q, k=k, v=v, a=a, b=b, w=w, f=f)
@@ -483,7 +445,7 @@ def _block_core(ops, state, scale):
 def _chunk_block(state, xs, *, chunk_size: int, scale: float, acc):
     ops = _block_operands(xs, chunk_size, acc)
     r = _block_core(ops, state, scale)
-    return r["state"], _from_heads(r["o"])
+    return r["state"], from_heads(r["o"])
 
 
 def _chunk_block_bwd(state, xs, d_o, d_state, *, chunk_size: int, scale: float, acc):
@@ -507,7 +469,7 @@ def _chunk_block_bwd(state, xs, d_o, d_state, *, chunk_size: int, scale: float, 
     q, k, v, a, b, w = ops["q"], ops["k"], ops["v"], ops["a"], ops["b"], ops["w"]
     f = ops["f"]
     C, M = ops["C"], ops["M"]
-    p = scale * _to_heads(d_o.astype(acc), M, C)
+    p = scale * to_heads(d_o.astype(acc), M, C)
     du_local = _mt(r["a_qa"], p)
     f_out = jnp.einsum("bhmck,bhmcv->bhmkv", r["qg"], p)
     g_state = d_state.astype(acc)
@@ -561,7 +523,7 @@ def _chunk_block_bwd(state, xs, d_o, d_state, *, chunk_size: int, scale: float, 
     upper = jnp.broadcast_to(jnp.triu(jnp.ones((C, C), acc)), tot.shape[:-2] + (C, C))
     rev = upper @ tot
     d_g = rev - d_e + qw * d_qw
-    d_xs = tuple(_from_heads(x) for x in (d_q, d_k, d_v, d_g, d_a, d_b))
+    d_xs = tuple(from_heads(x) for x in (d_q, d_k, d_v, d_g, d_a, d_b))
     return g_state, d_xs
 
 
@@ -604,8 +566,8 @@ _scan_blocks.defvjp(_scan_blocks_fwd, _scan_blocks_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "static_scale", "block_chunks"))
-def _chunk_form(q, k, v, g, a, b, initial_state, scale, *, chunk_size: int, static_scale=None,
-                block_chunks=None):
+def _chunk_form(q, k, v, g, a, b, initial_state, scale, *, chunk_size: int, static_scale,
+                block_chunks: int):
     """Chunkwise-parallel form. Returns (o in v's dtype, final state).
 
     One chunk, positions i = 1..C, start state S_0; per channel w_i = exp(g_i), c_i = sum_{t<=i}
@@ -627,37 +589,25 @@ def _chunk_form(q, k, v, g, a, b, initial_state, scale, *, chunk_size: int, stat
     factor is a product of w's (``_decay_factors``). Padded tokens (g = a = b = k = 0) leave
     the state unchanged, so the final state is exact for any T.
 
-    Layout: an outer scan over blocks of M chunks (``block_chunks``, default
-    ``_BLOCK_TOKENS / C``) with a custom VJP (``_scan_blocks``): the forward pass saves each
+    Layout: an outer scan over blocks of at most ``block_chunks`` chunks (``dispatch.TUNING``) with a custom VJP (``_scan_blocks``): the forward pass saves each
     block's start state, the backward pass (``_chunk_block_bwd``) recomputes the block from it.
     ``static_scale`` (a Python float) is applied inside the blocks; a traced scale is applied to
     the output afterwards.
     """
     B, T, H, K = q.shape
-    V = v.shape[-1]
     C = chunk_size
-    out_dtype = v.dtype
-    acc = _acc_dtype(q, k, v, g, a, b)
+    acc = acc_dtype(q, k, v, g, a, b)
     if g is None:
         g = jnp.zeros(q.shape, acc)
-    state = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state.astype(acc)
-    N = -(-T // C)
-    M = max(1, min(N, block_chunks or max(1, _BLOCK_TOKENS // C), _MAX_BLOCK_CHUNKS))
-    num_blocks = -(-N // M)
-    M = -(-N // num_blocks)
-    L = M * C
-
-    def blocked(x):  # [B, T, H, D] -> [num_blocks, B, L, H, D]; free for B = 1
-        x = _pad_time(x, num_blocks * L)
-        return jnp.moveaxis(x.reshape(B, num_blocks, L, *x.shape[2:]), 1, 0)
-
-    xs = tuple(blocked(x) for x in (q, k, v, g, a, b))
+    state = state_or_zeros(initial_state, (B, H, K, v.shape[-1]), acc)
+    num_blocks, M = balanced_blocks(T, C, block_chunks)
+    xs = tuple(to_blocks(x, num_blocks, M * C) for x in (q, k, v, g, a, b))
     inner = 1.0 if static_scale is None else static_scale
     o, state = _scan_blocks(C, inner, state, xs)
-    o = jnp.moveaxis(o, 0, 1).reshape(B, num_blocks * L, H, V)[:, :T]
+    o = from_blocks(o, T)
     if static_scale is None:
         o = scale * o
-    return o.astype(out_dtype), state
+    return o.astype(v.dtype), state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -683,7 +633,7 @@ def generalized_delta_rule(
         ``a = -kappa_hat``, ``b = kappa_hat * lr``).
       scale: output scale, default ``K ** -0.5``.
       initial_state: ``[B, H, K, V]`` state before the first token; None means zeros.
-      impl: ``"reference"``, ``"chunk"`` or ``"auto"`` (currently the chunk form).
+      impl: ``"reference"``, ``"chunk"``, ``"pallas"`` or ``"auto"`` (``memjax.ops.dispatch``).
       chunk_size: tokens per chunk for the chunk form, a positive multiple of 16 (T need not be
         a multiple; a chunk longer than T is shortened to T rounded up to 16).
 
@@ -691,17 +641,24 @@ def generalized_delta_rule(
       ``(o, final_state)``: o ``[B, T, H, V]`` in v's dtype; final_state ``[B, H, K, V]`` in
       float32 (float64 when the inputs are float64).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    form = dispatch.resolve("generalized_delta_rule", impl)
     chunk_size = _check_gdr_chunk_size(chunk_size)
-    _validate(q, k, v, g, a, b, initial_state)
-
-    scale = _default_scale(scale, q.shape[-1])
+    _validate(q, k, v, g, a, b, initial_state, step=False)
+    B, T, H, K = q.shape
+    scale = default_scale(scale, K)
+    if T == 0:
+        acc = acc_dtype(q, k, v, g, a, b)
+        return empty_sequence(v.shape, v.dtype, initial_state, (B, H, K, v.shape[-1]), acc)
+    if form == "pallas":
+        return dispatch.kernel("generalized_delta_rule")(
+            q, k, v, g, a, b, scale=scale, initial_state=initial_state, chunk_size=chunk_size
+        )
     args = (q, k, v, g, a, b, initial_state, scale)
-    if impl == "reference":
+    if form == "reference":
         return _reference_form(*args)
-    # "chunk" and "auto". A chunk longer than the sequence would only add padding work.
-    T = q.shape[1]
-    short = max(SUB_CHUNK, -(-T // SUB_CHUNK) * SUB_CHUNK)
+    # A chunk longer than the sequence would only add padding work.
+    C = min(chunk_size, max(SUB_CHUNK, -(-T // SUB_CHUNK) * SUB_CHUNK))
+    tune = dispatch.tuning("generalized_delta_rule")
+    block_chunks = min(max(1, tune["block_tokens"] // C), tune["max_block_chunks"])
     static = float(scale) if isinstance(scale, (int, float)) else None
-    return _chunk_form(*args, chunk_size=min(chunk_size, short), static_scale=static)
+    return _chunk_form(*args, chunk_size=C, static_scale=static, block_chunks=block_chunks)

@@ -28,9 +28,12 @@ Forms (``impl``):
 
 - ``"reference"``: token-by-token ``lax.scan``; the source of truth.
 - ``"chunk"``: chunkwise-parallel form, see ``_chunk_form``.
-- ``"auto"``: the chunk form (no kernel has won a benchmark yet).
+- ``"pallas"``: a kernel registered in ``kernels/`` for the platform; ``"auto"``: the form
+  ``memjax.ops.dispatch.AUTO`` names (the chunk form on every platform today; measurements in
+  docs/results/op_dispatch.md).
 
-Gradients: JAX autodiff for the reference form and for the chunk form with a per-channel g; a
+T = 0 returns an empty output and the initial state. Gradients: JAX autodiff for the reference
+form and for the chunk form with a per-channel g; a
 hand-written backward pass for the chunk form with g None or per head (see ``_chunk_block_bwd``).
 Both chunk backward passes recompute each block of chunks from its saved start state.
 
@@ -50,56 +53,37 @@ The normalizer is not guarded: ``q_t . z_t`` must stay away from ``-NORMALIZER_E
 from __future__ import annotations
 
 import functools
-import operator
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["linear_attention", "linear_attention_step", "NORMALIZER_EPS"]
+from memjax.ops import dispatch
+from memjax.ops._common import (
+    acc_dtype,
+    balanced_blocks,
+    cast,
+    check_chunk_size,
+    check_qkv,
+    check_shape,
+    default_scale,
+    empty_sequence,
+    from_blocks,
+    from_heads,
+    scan_over_time,
+    state_or_zeros,
+    to_blocks,
+    to_heads,
+)
 
-IMPLS = ("auto", "reference", "chunk")
+__all__ = ["linear_attention", "linear_attention_step", "NORMALIZER_EPS"]
 
 # Added to the normalizer ``scale * q_t . z_t`` before dividing (see the module docstring).
 NORMALIZER_EPS = 1e-6
 
-# Chunk form tuning (measured on a 2-core AVX-512 CPU, B=1 H=8 K=V=128, chunk 64, see
-# ``_chunk_form``): tokens per step of the outer scan (its operands stay in cache), the most
-# chunks per step (the state recurrence inside a step is unrolled), and the longest sub-chunk of
-# the per-channel intra-chunk trick. None of them changes results beyond float rounding.
-_BLOCK_TOKENS = 256
-_MAX_BLOCK_CHUNKS = 8
-_SUB_CHUNK = 16
-
 
 # ---------------------------------------------------------------------------------------------
-# Validation and dtype helpers (some are shared with the other operator modules)
+# Validation
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_shape(name: str, x, expected: tuple, what: str) -> None:
-    """Raise a ValueError naming ``name`` if ``x.shape != expected``."""
-    if tuple(x.shape) != tuple(expected):
-        raise ValueError(f"{name} must have shape {what} = {tuple(expected)}, got {tuple(x.shape)}")
-
-
-def _check_rank(name: str, x, rank: int, what: str) -> None:
-    if x.ndim != rank:
-        raise ValueError(f"{name} must have rank {rank} {what}, got shape {tuple(x.shape)}")
-
-
-def _validate(q, k, v, g, initial_state) -> None:
-    """Check a sequence call with a per-head g ``[B, T, H]`` (shared with other families)."""
-    _check_rank("q", q, 4, "[B, T, H, K]")
-    _check_rank("k", k, 4, "[B, T, H, K]")
-    _check_rank("v", v, 4, "[B, T, H, V]")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    _check_shape("k", k, (B, T, H, K), "[B, T, H, K] (same as q)")
-    _check_shape("v", v, (B, T, H, V), "[B, T, H, V] (B, T, H as q)")
-    if g is not None:
-        _check_shape("g", g, (B, T, H), "[B, T, H]")
-    if initial_state is not None:
-        _check_shape("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
 
 
 def _check_gate(g, per_head: tuple, per_channel: tuple, what_head: str, what_channel: str):
@@ -118,75 +102,23 @@ def _state_shape(B, H, K, V, normalize: bool):
     return (B, H, K, V), "[B, H, K, V]"
 
 
-def _validate_linear_attention(q, k, v, g, initial_state, normalize) -> None:
-    """Check a sequence call: g per head ``[B, T, H]`` or per channel ``[B, T, H, K]``."""
-    _check_rank("q", q, 4, "[B, T, H, K]")
-    _check_rank("k", k, 4, "[B, T, H, K]")
-    _check_rank("v", v, 4, "[B, T, H, V]")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    _check_shape("k", k, (B, T, H, K), "[B, T, H, K] (same as q)")
-    _check_shape("v", v, (B, T, H, V), "[B, T, H, V] (B, T, H as q)")
-    _check_gate(g, (B, T, H), (B, T, H, K), "[B, T, H]", "[B, T, H, K]")
-    if initial_state is not None:
-        shape, what = _state_shape(B, H, K, V, normalize)
-        _check_shape("initial_state", initial_state, shape, what)
-
-
-def _validate_step(q, k, v, state, g, normalize=False) -> None:
-    """Check the shapes of a one-token call (q, k ``[B,H,K]``, v ``[B,H,V]``, ...)."""
-    _check_rank("q", q, 3, "[B, H, K]")
-    _check_rank("k", k, 3, "[B, H, K]")
-    _check_rank("v", v, 3, "[B, H, V]")
-    B, H, K = q.shape
-    V = v.shape[-1]
-    _check_shape("k", k, (B, H, K), "[B, H, K] (same as q)")
-    _check_shape("v", v, (B, H, V), "[B, H, V] (B, H as q)")
+def _validate(q, k, v, g, state, normalize, *, step: bool) -> None:
+    """Check a sequence call (g per head ``[B, T, H]`` or per channel ``[B, T, H, K]``) or, with
+    ``step``, a one-token call (no T axis; the state is required)."""
+    check_qkv(q, k, v, step=step)
+    lead = q.shape[:-1]  # (B, T, H) or (B, H)
+    B, H, K, V = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
+    names = "[B, H" if step else "[B, T, H"
+    _check_gate(g, lead, (*lead, K), f"{names}]", f"{names}, K]")
     shape, what = _state_shape(B, H, K, V, normalize)
-    _check_shape("state", state, shape, what)
-    _check_gate(g, (B, H), (B, H, K), "[B, H]", "[B, H, K]")
+    check_shape("state" if step else "initial_state", state, shape, what)
 
 
-def _check_chunk_size(chunk_size) -> int:
-    # bool is an int subclass; chunk_size=True is almost certainly a mistake.
-    if isinstance(chunk_size, bool):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    try:
-        c = operator.index(chunk_size)
-    except TypeError:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}") from None
-    if c <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    return c
-
-
-def _acc_dtype(*arrays):
-    """Dtype to accumulate in: the inputs' common dtype promoted to at least float32."""
-    present = [a for a in arrays if a is not None]
-    return jnp.promote_types(jnp.result_type(*present), jnp.float32)
-
-
-def _default_scale(scale, K: int):
-    return K**-0.5 if scale is None else scale
-
-
-def _prepare(q, k, v, g, initial_state, normalize=False):
-    """Cast to the accumulation dtype (g=None stays None); initial_state=None becomes zeros.
-
-    With ``normalize`` a column of ones is appended to v (so the last column of the state, and of
-    the output, is the normalizer; see the module docstring).
-    """
-    B, T, H, K = q.shape
-    acc = _acc_dtype(q, k, v, g)
-    v = v.astype(acc)
-    if normalize:
-        v = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), acc)], axis=-1)
-    if initial_state is None:
-        state = jnp.zeros((B, H, K, v.shape[-1]), acc)
-    else:
-        state = initial_state.astype(acc)
-    g = None if g is None else g.astype(acc)
-    return q.astype(acc), k.astype(acc), v, g, state
+def _with_ones(v, normalize: bool):
+    """v with a column of ones appended when ``normalize`` (z is the state of that column)."""
+    if not normalize:
+        return v
+    return jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
 
 
 def _normalize_output(o_aug):
@@ -233,16 +165,11 @@ def linear_attention_step(q, k, v, state, g=None, *, scale=None, normalize=False
       ``(o, new_state)``: o ``[B, H, V]`` in v's dtype; new_state of the state's shape in
       float32 (float64 for float64 inputs).
     """
-    _validate_step(q, k, v, state, g, normalize)
-    acc = _acc_dtype(q, k, v, g)
-    scale = _default_scale(scale, q.shape[-1])
-    v_acc = v.astype(acc)
-    if normalize:
-        v_acc = jnp.concatenate([v_acc, jnp.ones((*v.shape[:-1], 1), acc)], axis=-1)
-    o, new_state = _step(
-        q.astype(acc), k.astype(acc), v_acc, None if g is None else g.astype(acc),
-        state.astype(acc), scale,
-    )  # fmt: skip
+    _validate(q, k, v, g, state, normalize, step=True)
+    acc = acc_dtype(q, k, v, g)
+    scale = default_scale(scale, q.shape[-1])
+    q_, k_, v_, g_, state = cast(acc, q, k, v, g, state)
+    o, new_state = _step(q_, k_, _with_ones(v_, normalize), g_, state, scale)
     if normalize:
         o = _normalize_output(o)
     return o.astype(v.dtype), new_state
@@ -256,40 +183,21 @@ def linear_attention_step(q, k, v, state, g=None, *, scale=None, normalize=False
 @functools.partial(jax.jit, static_argnames=("normalize",))
 def _reference_form(q, k, v, g, initial_state, scale, normalize=False):
     """Token-by-token scan of the recurrence. Returns (o in v's dtype, final state)."""
-    out_dtype = v.dtype
-    q, k, v, g, state = _prepare(q, k, v, g, initial_state, normalize)
-
-    def body(s, xs):
-        q_t, k_t, v_t, g_t = xs
-        o_t, s = _step(q_t, k_t, v_t, g_t, s, scale)
-        return s, o_t
-
-    time_major = [None if x is None else jnp.moveaxis(x, 1, 0) for x in (q, k, v, g)]
-    state, o = jax.lax.scan(body, state, time_major)
-    o = jnp.moveaxis(o, 0, 1)
+    B, _, H, K = q.shape
+    acc = acc_dtype(q, k, v, g)
+    q_, k_, v_, g_ = cast(acc, q, k, v, g)
+    v_ = _with_ones(v_, normalize)
+    state = state_or_zeros(initial_state, (B, H, K, v_.shape[-1]), acc)
+    step = lambda s, *x_t: _step(*x_t, s, scale)  # noqa: E731
+    o, state = scan_over_time(step, state, (q_, k_, v_, g_))
     if normalize:
         o = _normalize_output(o)
-    return o.astype(out_dtype), state
+    return o.astype(v.dtype), state
 
 
 # ---------------------------------------------------------------------------------------------
 # Chunk form
 # ---------------------------------------------------------------------------------------------
-
-
-def _pad_time(x, T_pad: int):
-    """Zero-pad axis 1 (time) up to T_pad.
-
-    Zeros are exact no-ops at the end of the sequence: g = 0 multiplies the state by exp(0) = 1
-    and k = 0 adds k v^T = 0, so the final state is bit-for-bit the unpadded one; the padded
-    outputs are sliced off.
-    """
-    pad = T_pad - x.shape[1]
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[1] = (0, pad)
-    return jnp.pad(x, widths)
 
 
 def _intra_chunk_decay(b):
@@ -307,8 +215,10 @@ def _intra_chunk_decay(b):
 
 
 def _sub_chunk_size(C: int) -> int:
-    """Largest divisor of C that is <= _SUB_CHUNK."""
-    return max(c for c in range(1, min(C, _SUB_CHUNK) + 1) if C % c == 0)
+    """Largest divisor of C that is <= the tuned sub-chunk (``dispatch.TUNING``, read when the
+    chunk form is traced)."""
+    limit = dispatch.tuning("linear_attention")["sub_chunk"]
+    return max(c for c in range(1, min(C, limit) + 1) if C % c == 0)
 
 
 @jax.checkpoint  # recomputed in the backward pass: no [.., c, c, K] residuals are stored
@@ -356,21 +266,6 @@ def _intra_chunk_scores_per_channel(q, k, b):
     return a.reshape(*lead, C, C)
 
 
-def _to_heads(x, M: int, C: int, *, transpose: bool = False):
-    """``[B, M*C, H, ...]`` -> ``[B, H, M, C, ...]``; ``[B, H, M, X, C]`` with ``transpose``."""
-    B, _, H = x.shape[:3]
-    x = x.reshape(B, M, C, H, *x.shape[3:])
-    if x.ndim == 4:
-        return x.transpose(0, 3, 1, 2)
-    return x.transpose(0, 3, 1, 4, 2) if transpose else x.transpose(0, 3, 1, 2, 4)
-
-
-def _from_heads(x):
-    """``[B, H, M, C, X]`` -> ``[B, M*C, H, X]`` (inverse of ``_to_heads``)."""
-    B, H, M, C, X = x.shape
-    return x.transpose(0, 2, 3, 1, 4).reshape(B, M * C, H, X)
-
-
 def _block_operands(xs, C: int, scale, normalize: bool, acc):
     """Per-block operands shared by the forward and backward passes.
 
@@ -388,16 +283,16 @@ def _block_operands(xs, C: int, scale, normalize: bool, acc):
     q, k, v, g = (None if x is None else x.astype(acc) for x in xs)
     M = q.shape[1] // C
     ops = dict(M=M, g_kind=None if g is None else ("head" if g.ndim == 3 else "channel"))
-    ops["q"] = _to_heads(q, M, C) * scale
+    ops["q"] = to_heads(q, M, C) * scale
     ops["k_raw"] = k
-    ops["k_t"] = barrier(_to_heads(k, M, C, transpose=True))
-    v = _to_heads(v, M, C)
+    ops["k_t"] = barrier(to_heads(k, M, C, transpose=True))
+    v = to_heads(v, M, C)
     if normalize:  # z is the state of a value column of ones
         v = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), acc)], axis=-1)
     ops["v"] = v
     if g is not None:
         axis = -1 if g.ndim == 3 else -2
-        b = barrier(jnp.cumsum(_to_heads(g, M, C), axis=axis))
+        b = barrier(jnp.cumsum(to_heads(g, M, C), axis=axis))
         b_last = b[..., -1:] if g.ndim == 3 else b[..., -1:, :]
         ops["b"] = b
         ops["from_start"], ops["to_end"] = barrier((jnp.exp(b), jnp.exp(b_last - b)))
@@ -409,7 +304,7 @@ def _intra_scores(ops, C: int, acc):
     """A = (Q K^T) ⊙ D for every chunk of the block, ``[B, H, M, C, C]`` (D: causal decay)."""
     if ops["g_kind"] == "channel":
         return _intra_chunk_scores_per_channel(
-            ops["q"], _to_heads(ops["k_raw"], ops["M"], C), ops["b"]
+            ops["q"], to_heads(ops["k_raw"], ops["M"], C), ops["b"]
         )
     scores = jnp.einsum("bhmik,bhmkj->bhmij", ops["q"], ops["k_t"])
     if ops["g_kind"] is None:
@@ -468,7 +363,7 @@ def _chunk_block(state, xs, *, chunk_size: int, scale, normalize: bool, acc):
     if ops["g_kind"] == "head":
         inter = inter * ops["from_start"][..., None]
     o = jnp.einsum("bhmij,bhmjv->bhmiv", scores, ops["v"]) + inter
-    return state, _from_heads(o)
+    return state, from_heads(o)
 
 
 def _chunk_block_bwd(state, xs, d_o, d_state, *, chunk_size: int, scale, normalize: bool, acc):
@@ -490,12 +385,12 @@ def _chunk_block_bwd(state, xs, d_o, d_state, *, chunk_size: int, scale, normali
     ops = _block_operands(xs, C, scale, normalize, acc)
     M, q, k_t, v = ops["M"], ops["q"], ops["k_t"], ops["v"]
     head = ops["g_kind"] == "head"
-    k = barrier(_to_heads(ops["k_raw"], M, C))
+    k = barrier(to_heads(ops["k_raw"], M, C))
     causal = jnp.tril(jnp.ones((C, C), acc))
     decay = _intra_chunk_decay(ops["b"]) if head else causal
     scores = jnp.einsum("bhmik,bhmkj->bhmij", q, k_t) * decay
     final, starts = _chunk_starts(ops, state, _chunk_updates(ops))
-    d_o = _to_heads(d_o.astype(acc), M, C)
+    d_o = to_heads(d_o.astype(acc), M, C)
 
     # Reverse recurrence over the chunks of the block.
     q_read = q * ops["from_start"][..., None] if head else q  # what reads S_n
@@ -541,9 +436,9 @@ def _chunk_block_bwd(state, xs, d_o, d_state, *, chunk_size: int, scale, normali
         d_b = d_b.at[..., -1].add(dot_rows(after, d_after, axis=(-2, -1)))
         d_g = jnp.flip(jnp.cumsum(jnp.flip(d_b, -1), axis=-1), -1)  # [B, H, M, C]
         d_g = d_g.transpose(0, 2, 3, 1).reshape(d_g.shape[0], M * C, d_g.shape[1])
-    d_scale = dot_rows(_to_heads(xs[0].astype(acc), M, C), d_q, axis=None)  # q = scale * q_raw
+    d_scale = dot_rows(to_heads(xs[0].astype(acc), M, C), d_q, axis=None)  # q = scale * q_raw
     d_v = d_v[..., :-1] if normalize else d_v
-    return g_state, (_from_heads(d_q * scale), _from_heads(d_k), _from_heads(d_v), d_g), d_scale
+    return g_state, (from_heads(d_q * scale), from_heads(d_k), from_heads(d_v), d_g), d_scale
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -558,7 +453,7 @@ def _scan_blocks(chunk_size, normalize, state, xs, scale):
 
 
 def _block_fn(chunk_size, normalize, xs, scale):
-    acc = _acc_dtype(*xs)
+    acc = acc_dtype(*xs)
     return functools.partial(
         _chunk_block, chunk_size=chunk_size, scale=scale, normalize=normalize, acc=acc
     )
@@ -578,7 +473,7 @@ def _scan_blocks_fwd(chunk_size, normalize, state, xs, scale):
 def _scan_blocks_bwd(chunk_size, normalize, residuals, cotangents):
     starts, xs, scale = residuals
     d_o, d_final = cotangents
-    acc = _acc_dtype(*xs)
+    acc = acc_dtype(*xs)
     bwd = functools.partial(
         _chunk_block_bwd, chunk_size=chunk_size, scale=scale, normalize=normalize, acc=acc
     )
@@ -600,9 +495,7 @@ _scan_blocks.defvjp(_scan_blocks_fwd, _scan_blocks_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "normalize", "block_chunks"))
-def _chunk_form(
-    q, k, v, g, initial_state, scale, *, chunk_size: int, normalize=False, block_chunks=None
-):
+def _chunk_form(q, k, v, g, initial_state, scale, *, chunk_size: int, normalize, block_chunks):
     """Chunkwise-parallel form. Returns (o in v's dtype, final state).
 
     For chunk n with start state S_n and b = chunk-local cumsum of g (b_C its last entry; with a
@@ -612,8 +505,8 @@ def _chunk_form(
       A_n     = q_i . (k_j ⊙ exp(b_i - b_j)) for i >= j, else 0
       S_{n+1} = exp(b_C) S_n + Σ_i (k_i ⊙ exp(b_C - b_i)) v_i^T
 
-    Two levels, for speed on CPU: a ``lax.scan`` over blocks of M chunks (``block_chunks``,
-    default about ``_BLOCK_TOKENS`` tokens) carries the state, and inside a block every chunk
+    Two levels, for speed on CPU: a ``lax.scan`` over blocks of at most ``block_chunks`` chunks
+    (``dispatch.TUNING``) carries the state, and inside a block every chunk
     product is a batched matmul over (B, H, M) whose operands stay in cache (see
     ``_chunk_block``); one batched matmul over all the chunks of a long sequence streams hundreds
     of MB through memory and ran at a third of the rate. Every exponent is <= 0: see
@@ -625,38 +518,20 @@ def _chunk_form(
     """
     B, T, H, K = q.shape
     C = chunk_size
-    out_dtype = v.dtype
-    acc = _acc_dtype(q, k, v, g)
-    V = v.shape[-1] + int(normalize)
-    if initial_state is None:
-        state = jnp.zeros((B, H, K, V), acc)
-    else:
-        state = initial_state.astype(acc)
-
-    # Blocks of M chunks; M is balanced so that the padding stays below one chunk per block.
-    N = -(-T // C)
-    M = max(1, min(N, block_chunks or _BLOCK_TOKENS // C, _MAX_BLOCK_CHUNKS))
-    num_blocks = -(-N // M)
-    M = -(-N // num_blocks)
-    L = M * C
-
-    def blocked(x):  # [B, T, H, ...] -> [num_blocks, B, L, H, ...]; free for B = 1
-        if x is None:
-            return None
-        x = _pad_time(x, num_blocks * L)
-        return jnp.moveaxis(x.reshape(B, num_blocks, L, *x.shape[2:]), 1, 0)
-
-    xs = tuple(blocked(x) for x in (q, k, v, g))
+    acc = acc_dtype(q, k, v, g)
+    state = state_or_zeros(initial_state, (B, H, K, v.shape[-1] + int(normalize)), acc)
+    num_blocks, M = balanced_blocks(T, C, block_chunks)
+    xs = tuple(to_blocks(x, num_blocks, M * C) for x in (q, k, v, g))
     scale = jnp.asarray(scale, acc)
     if g is None or g.ndim == 3:
         o, state = _scan_blocks(C, normalize, state, xs, scale)
     else:
         block = _block_fn(C, normalize, xs, scale)
         state, o = jax.lax.scan(jax.checkpoint(block), state, xs)
-    o = jnp.moveaxis(o, 0, 1).reshape(B, num_blocks * L, H, V)[:, :T]
+    o = from_blocks(o, T)
     if normalize:
         o = _normalize_output(o)
-    return o.astype(out_dtype), state
+    return o.astype(v.dtype), state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -683,25 +558,34 @@ def linear_attention(
         ``normalize=True``); None means zeros.
       normalize: divide each output by ``scale * q_t . z_t + NORMALIZER_EPS``, z the decayed
         running sum of k, carried as the last column of the state (see the module docstring).
-      impl: ``"reference"``, ``"chunk"`` or ``"auto"`` (currently the chunk form).
+      impl: ``"reference"``, ``"chunk"``, ``"pallas"`` or ``"auto"`` (``memjax.ops.dispatch``).
       chunk_size: tokens per chunk for the chunk form (any positive int; T need not be a
         multiple; chunks longer than T are shortened to T).
 
     Returns:
-      ``(o, final_state)``: o ``[B, T, H, V]`` in v's dtype; final_state ``[B, H, K, V]``
-      (``[B, H, K, V + 1]`` with ``normalize=True``) in float32 (float64 when the inputs are
+      ``(o, final_state)``: o ``[B, T, H, V]`` in v's dtype (empty for T = 0, when the state is
+      the initial one); final_state ``[B, H, K, V]`` (``[B, H, K, V + 1]`` with ``normalize=True``) in float32 (float64 when the inputs are
       float64).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    chunk_size = _check_chunk_size(chunk_size)
+    form = dispatch.resolve("linear_attention", impl)
+    chunk_size = check_chunk_size(chunk_size)
     normalize = bool(normalize)
-    _validate_linear_attention(q, k, v, g, initial_state, normalize)
-
-    scale = _default_scale(scale, q.shape[-1])
+    _validate(q, k, v, g, initial_state, normalize, step=False)
+    B, T, H, K = q.shape
+    scale = default_scale(scale, K)
+    if T == 0:
+        state_shape = (B, H, K, v.shape[-1] + int(normalize))
+        return empty_sequence(v.shape, v.dtype, initial_state, state_shape, acc_dtype(q, k, v, g))
+    if form == "pallas":
+        return dispatch.kernel("linear_attention")(
+            q, k, v, g, scale=scale, initial_state=initial_state, normalize=normalize,
+            chunk_size=chunk_size,
+        )  # fmt: skip
     args = (q, k, v, g, initial_state, scale)
-    if impl == "reference":
+    if form == "reference":
         return _reference_form(*args, normalize=normalize)
-    # "chunk" and "auto". A chunk longer than the sequence would only add padding work.
-    chunk_size = max(1, min(chunk_size, q.shape[1]))
-    return _chunk_form(*args, chunk_size=chunk_size, normalize=normalize)
+    # A chunk longer than the sequence would only add padding work.
+    chunk_size = min(chunk_size, T)
+    tune = dispatch.tuning("linear_attention")
+    block_chunks = min(tune["block_tokens"] // chunk_size, tune["max_block_chunks"])
+    return _chunk_form(*args, chunk_size=chunk_size, normalize=normalize, block_chunks=block_chunks)

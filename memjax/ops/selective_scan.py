@@ -14,27 +14,23 @@ bfloat16 inputs (the state is returned in float32), float64 for float64 inputs u
 Forms (``impl``):
 
 - ``"reference"``: token-by-token ``lax.scan``; the source of truth.
-- ``"associative"``: materialises ``a = exp(dt A)`` and ``b = dt x Bm`` as ``[B, T, D, N]`` and
-  runs ``memjax.ops.scan.linear_scan(impl="associative")``, then contracts with Cm.
+- ``"scan"``: materialises ``a = exp(dt A)`` and ``b = dt x Bm`` as ``[B, T, D, N]`` and
+  runs ``memjax.ops.scan.linear_scan(impl="scan")`` (an associative scan), then contracts
+  with Cm.
 - ``"chunk"``: the recurrence is decayed linear attention with D heads, key width N and value
   width 1: per-channel log decay ``g = dt A`` ``[B, T, D, N]``, ``q = Cm``, ``k = Bm`` (broadcast
   over the D heads), ``v = dt x`` and scale 1. It dispatches to
   ``memjax.ops.linear_attention(..., impl="chunk")`` instead of a chunk algorithm of its own.
-- ``"auto"``: the reference form on CPU (measured fastest there, below, and in ``memjax.ops.scan``); the associative form on
-  other backends (not measured here: no accelerator was available; it is the parallel form
-  Mamba itself uses).
+- ``"pallas"``: a kernel registered in ``kernels/`` for the platform; ``"auto"``: the form
+  ``memjax.ops.dispatch.AUTO`` names: the reference form on CPU (measured fastest there), the
+  scan form on accelerators (not measured: no accelerator was available; it is the parallel
+  form Mamba itself uses).
 
-Measured with ``scripts/bench.py`` (docs/results/bench_ssm_scans.json: float32, B=1, D=256,
-N=16, chunk 64, one run on a 2-core CPU; ratios of medians), forward / forward+backward time
-relative to the reference form: associative 6.2x / 1.8x at T=1024, 5.5x / 2.0x at T=4096 and
-6.0x / 1.9x at T=16384; chunk 25x / 18x, 21x / 18x, 24x / 16x. With a batch
-(B=16, T=256, D=128; docs/results/bench_ssm_scans_batch16.json): associative 8.0x / 2.8x,
-chunk 48x / 25x.
-
-The sequential scan wins on CPU: each step touches only the ``[B, D, N]`` state, which stays in
-cache, while the associative form streams ``O(log T)`` passes over ``[B, T, D, N]`` arrays. The
-chunk form is not sensible for this recurrence: with value width 1 its matmuls do ``C`` times the
-scan's arithmetic (``C N`` per token and channel instead of ``N``), and the per-channel decay
+Speed: docs/results/op_dispatch.md (from docs/results/bench_ssm_scans.json and
+bench_ssm_scans_batch16.json). The sequential scan wins on CPU: each step touches only the
+``[B, D, N]`` state, which stays in cache, while the scan form streams ``O(log T)`` passes over
+``[B, T, D, N]`` arrays. The chunk form is not sensible for this recurrence: with value width 1 its matmuls do ``C`` times the
+recurrence's arithmetic (``C N`` per token and channel instead of ``N``), and the per-channel decay
 takes linear_attention's elementwise intra-chunk path; it is kept as a third, independently
 derived form (and it saves one state per block for the backward pass instead of every prefix).
 Gradients are JAX autodiff of each form (for chunk, linear_attention's own).
@@ -47,44 +43,37 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from memjax.ops.linear_attention import _check_chunk_size, linear_attention
-from memjax.ops.scan import linear_scan, prefer_sequential
+from memjax.ops import dispatch
+from memjax.ops._common import (
+    acc_dtype,
+    cast,
+    check_chunk_size,
+    check_rank,
+    check_shape,
+    empty_sequence,
+    scan_over_time,
+    state_or_zeros,
+)
+from memjax.ops.linear_attention import linear_attention
+from memjax.ops.scan import linear_scan
 
-__all__ = ["selective_scan", "selective_scan_step", "IMPLS"]
-
-IMPLS = ("auto", "reference", "associative", "chunk")
-
-
-def _shape_error(name: str, x, what: str, expected) -> ValueError:
-    return ValueError(f"{name} must have shape {what} = {tuple(expected)}, got {tuple(x.shape)}")
-
-
-def _check(name: str, x, expected: tuple, what: str) -> None:
-    if x is not None and tuple(x.shape) != tuple(expected):
-        raise _shape_error(name, x, what, expected)
+__all__ = ["selective_scan", "selective_scan_step"]
 
 
 def _validate(x, dt, A, Bm, Cm, Dskip, state, *, step: bool) -> None:
     """Shapes of a sequence call (``step=False``) or a one-token call; errors name the argument."""
     rank, what_x = (2, "[B, D]") if step else (3, "[B, T, D]")
-    if x.ndim != rank:
-        raise ValueError(f"x must have rank {rank} {what_x}, got shape {tuple(x.shape)}")
-    if A.ndim != 2:
-        raise ValueError(f"A must have rank 2 [D, N], got shape {tuple(A.shape)}")
+    check_rank("x", x, rank, what_x)
+    check_rank("A", A, 2, "[D, N]")
     lead, D = tuple(x.shape[:-1]), x.shape[-1]
     N = A.shape[1]
     what_bc = "[B, N]" if step else "[B, T, N]"
-    _check("dt", dt, x.shape, f"{what_x} (same as x)")
-    _check("A", A, (D, N), "[D, N] (D as x)")
-    _check("Bm", Bm, (*lead, N), f"{what_bc} (N as A)")
-    _check("Cm", Cm, (*lead, N), f"{what_bc} (N as A)")
-    _check("Dskip", Dskip, (D,), "[D]")
-    _check("state" if step else "initial_state", state, (x.shape[0], D, N), "[B, D, N]")
-
-
-def _acc_dtype(*arrays):
-    present = [a for a in arrays if a is not None]
-    return jnp.promote_types(jnp.result_type(*present), jnp.float32)
+    check_shape("dt", dt, x.shape, f"{what_x} (same as x)")
+    check_shape("A", A, (D, N), "[D, N] (D as x)")
+    check_shape("Bm", Bm, (*lead, N), f"{what_bc} (N as A)")
+    check_shape("Cm", Cm, (*lead, N), f"{what_bc} (N as A)")
+    check_shape("Dskip", Dskip, (D,), "[D]")
+    check_shape("state" if step else "initial_state", state, (x.shape[0], D, N), "[B, D, N]")
 
 
 def _skip(y, x, Dskip):
@@ -119,9 +108,8 @@ def selective_scan_step(x, dt, A, Bm, Cm, state, Dskip=None):
       (float64 for float64 inputs).
     """
     _validate(x, dt, A, Bm, Cm, Dskip, state, step=True)
-    acc = _acc_dtype(x, dt, A, Bm, Cm, Dskip)
-    cast = [None if a is None else a.astype(acc) for a in (x, dt, A, Bm, Cm, Dskip, state)]
-    y, h = _step(*cast)
+    acc = acc_dtype(x, dt, A, Bm, Cm, Dskip)
+    y, h = _step(*cast(acc, x, dt, A, Bm, Cm, Dskip, state))
     return y.astype(x.dtype), h
 
 
@@ -131,19 +119,14 @@ def selective_scan_step(x, dt, A, Bm, Cm, state, Dskip=None):
 
 
 def _reference_form(x, dt, A, Bm, Cm, Dskip, h0):
-    def body(h, xs):
-        y, h = _step(*xs[:2], A, *xs[2:], Dskip, h)
-        return h, y
-
-    time_major = [jnp.moveaxis(a, 1, 0) for a in (x, dt, Bm, Cm)]
-    final, y = jax.lax.scan(body, h0, time_major)
-    return jnp.moveaxis(y, 0, 1), final
+    step = lambda h, x_t, dt_t, B_t, C_t: _step(x_t, dt_t, A, B_t, C_t, Dskip, h)  # noqa: E731
+    return scan_over_time(step, h0, (x, dt, Bm, Cm))
 
 
-def _associative_form(x, dt, A, Bm, Cm, Dskip, h0):
+def _scan_form(x, dt, A, Bm, Cm, Dskip, h0):
     a = jnp.exp(dt[..., None] * A)  # [B, T, D, N]
     b = (dt * x)[..., None] * Bm[:, :, None, :]
-    h, final = linear_scan(a, b, initial_state=h0, impl="associative")
+    h, final = linear_scan(a, b, initial_state=h0, impl="scan")
     y = jnp.einsum("btdn,btn->btd", h, Cm)
     return _skip(y, x, Dskip), final
 
@@ -165,25 +148,17 @@ def _chunk_form(x, dt, A, Bm, Cm, Dskip, h0, chunk_size):
     return _skip(o[..., 0], x, Dskip), final[..., 0]
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
-def _selective_scan(x, dt, A, Bm, Cm, Dskip, initial_state, *, impl, chunk_size):
-    out_dtype = x.dtype
-    acc = _acc_dtype(x, dt, A, Bm, Cm, Dskip)
-    Bsz, T, D = x.shape
-    if initial_state is None:
-        h0 = jnp.zeros((Bsz, D, A.shape[1]), acc)
+@functools.partial(jax.jit, static_argnames=("form", "chunk_size"))
+def _selective_scan(x, dt, A, Bm, Cm, Dskip, initial_state, *, form, chunk_size):
+    """The chosen form on inputs cast to the accumulation dtype; T >= 1."""
+    acc = acc_dtype(x, dt, A, Bm, Cm, Dskip)
+    h0 = state_or_zeros(initial_state, (x.shape[0], x.shape[2], A.shape[1]), acc)
+    args = cast(acc, x, dt, A, Bm, Cm, Dskip)
+    if form == "chunk":
+        y, final = _chunk_form(*args, h0, min(chunk_size, x.shape[1]))
     else:
-        h0 = initial_state.astype(acc)
-    if T == 0:
-        return jnp.zeros(x.shape, out_dtype), h0
-    args = [None if a is None else a.astype(acc) for a in (x, dt, A, Bm, Cm, Dskip)]
-    if impl == "reference":
-        y, final = _reference_form(*args, h0)
-    elif impl == "chunk":
-        y, final = _chunk_form(*args, h0, min(chunk_size, T))
-    else:
-        y, final = _associative_form(*args, h0)
-    return y.astype(out_dtype), final
+        y, final = (_reference_form if form == "reference" else _scan_form)(*args, h0)
+    return y.astype(x.dtype), final
 
 
 def selective_scan(
@@ -198,20 +173,22 @@ def selective_scan(
       Bm, Cm: ``[B, T, N]`` input and output projections (shared by all channels).
       Dskip: ``[D]`` skip connection, or None.
       initial_state: ``[B, D, N]`` state before the first token; None means zeros.
-      impl: ``"reference"``, ``"associative"``, ``"chunk"`` or ``"auto"`` (reference on
-        CPU, associative elsewhere).
+      impl: ``"reference"``, ``"scan"``, ``"chunk"``, ``"pallas"`` or ``"auto"``
+        (``memjax.ops.dispatch``: reference on CPU, scan elsewhere).
       chunk_size: chunk length of the chunk form (any positive int; T need not be a multiple).
 
     Returns:
       ``(y, final_state)``: y ``[B, T, D]`` in x's dtype; final_state ``[B, D, N]`` in float32
       (float64 when the inputs are float64).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    chunk_size = _check_chunk_size(chunk_size)
+    form = dispatch.resolve("selective_scan", impl)
+    chunk_size = check_chunk_size(chunk_size)
     _validate(x, dt, A, Bm, Cm, Dskip, initial_state, step=False)
-    if impl == "auto":
-        impl = "reference" if prefer_sequential() else "associative"
-    return _selective_scan(
-        x, dt, A, Bm, Cm, Dskip, initial_state, impl=impl, chunk_size=chunk_size
-    )
+    if x.shape[1] == 0:
+        acc = acc_dtype(x, dt, A, Bm, Cm, Dskip)
+        state_shape = (x.shape[0], x.shape[2], A.shape[1])
+        return empty_sequence(x.shape, x.dtype, initial_state, state_shape, acc)
+    if form == "pallas":
+        return dispatch.kernel("selective_scan")(x, dt, A, Bm, Cm, Dskip,
+                                                 initial_state=initial_state, chunk_size=chunk_size)
+    return _selective_scan(x, dt, A, Bm, Cm, Dskip, initial_state, form=form, chunk_size=chunk_size)

@@ -18,11 +18,12 @@ Forms (``impl``):
   ``q = Cm``, ``k = Bm`` (broadcast over heads), ``v = dt x`` and scale 1, so it dispatches to
   ``memjax.ops.linear_attention(..., impl="chunk")`` (its chunkwise form with the hand-written
   backward pass) instead of a chunk algorithm of its own.
-- ``"auto"``: chunk (measured fastest on CPU, below).
+- ``"pallas"``: a kernel registered in ``kernels/`` for the platform; ``"auto"``: the form
+  ``memjax.ops.dispatch.AUTO`` names (chunk on every platform today).
 
-Measured with ``scripts/bench.py`` (docs/results/bench_ssm_scans.json: float32, B=1, H=8,
-P=32, N=16, chunk 64, one run on a 2-core CPU), chunk time relative to reference, forward /
-forward+backward: 0.64 / 0.27 at T=1024, 0.66 / 0.17 at T=4096, 0.49 / 0.21 at T=16384.
+The chunk form is faster than the reference forward and forward + backward on CPU
+(docs/results/op_dispatch.md, docs/results/bench_ssm_scans.json). T = 0 returns an empty output
+and the initial state.
 
 Gradients are JAX autodiff (the chunk form's come from linear_attention's custom VJP).
 """
@@ -34,40 +35,36 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from memjax.ops.linear_attention import _check_chunk_size, linear_attention
+from memjax.ops import dispatch
+from memjax.ops._common import (
+    acc_dtype,
+    cast,
+    check_chunk_size,
+    check_rank,
+    check_shape,
+    empty_sequence,
+    scan_over_time,
+    state_or_zeros,
+)
+from memjax.ops.linear_attention import linear_attention
 
-__all__ = ["ssd", "ssd_step", "IMPLS"]
-
-IMPLS = ("auto", "reference", "chunk")
-
-
-def _check(name: str, x, expected: tuple, what: str) -> None:
-    if x is not None and tuple(x.shape) != tuple(expected):
-        raise ValueError(f"{name} must have shape {what} = {tuple(expected)}, got {tuple(x.shape)}")
+__all__ = ["ssd", "ssd_step"]
 
 
 def _validate(x, dt, A, Bm, Cm, Dskip, state, *, step: bool) -> None:
     """Shapes of a sequence call (``step=False``) or a one-token call; errors name the argument."""
     rank, what_x = (3, "[B, H, P]") if step else (4, "[B, T, H, P]")
-    if x.ndim != rank:
-        raise ValueError(f"x must have rank {rank} {what_x}, got shape {tuple(x.shape)}")
-    if Bm.ndim != rank - 1:
-        what = "[B, N]" if step else "[B, T, N]"
-        raise ValueError(f"Bm must have rank {rank - 1} {what}, got shape {tuple(Bm.shape)}")
+    check_rank("x", x, rank, what_x)
+    check_rank("Bm", Bm, rank - 1, "[B, N]" if step else "[B, T, N]")
     lead, H, P = tuple(x.shape[:-2]), x.shape[-2], x.shape[-1]
     N = Bm.shape[-1]
     what_lead = "[B" if step else "[B, T"
-    _check("dt", dt, (*lead, H), f"{what_lead}, H] (as x)")
-    _check("A", A, (H,), "[H]")
-    _check("Bm", Bm, (*lead, N), f"{what_lead}, N] (as x)")
-    _check("Cm", Cm, (*lead, N), f"{what_lead}, N] (same as Bm)")
-    _check("Dskip", Dskip, (H,), "[H]")
-    _check("state" if step else "initial_state", state, (x.shape[0], H, N, P), "[B, H, N, P]")
-
-
-def _acc_dtype(*arrays):
-    present = [a for a in arrays if a is not None]
-    return jnp.promote_types(jnp.result_type(*present), jnp.float32)
+    check_shape("dt", dt, (*lead, H), f"{what_lead}, H] (as x)")
+    check_shape("A", A, (H,), "[H]")
+    check_shape("Bm", Bm, (*lead, N), f"{what_lead}, N] (as x)")
+    check_shape("Cm", Cm, (*lead, N), f"{what_lead}, N] (same as Bm)")
+    check_shape("Dskip", Dskip, (H,), "[H]")
+    check_shape("state" if step else "initial_state", state, (x.shape[0], H, N, P), "[B, H, N, P]")
 
 
 def _skip(y, x, Dskip):
@@ -94,20 +91,14 @@ def ssd_step(x, dt, A, Bm, Cm, state, Dskip=None):
       (float64 for float64 inputs).
     """
     _validate(x, dt, A, Bm, Cm, Dskip, state, step=True)
-    acc = _acc_dtype(x, dt, A, Bm, Cm, Dskip)
-    cast = [None if a is None else a.astype(acc) for a in (x, dt, A, Bm, Cm, Dskip, state)]
-    y, S = _step(*cast)
+    acc = acc_dtype(x, dt, A, Bm, Cm, Dskip)
+    y, S = _step(*cast(acc, x, dt, A, Bm, Cm, Dskip, state))
     return y.astype(x.dtype), S
 
 
 def _reference_form(x, dt, A, Bm, Cm, Dskip, S0):
-    def body(S, xs):
-        y, S = _step(*xs[:2], A, *xs[2:], Dskip, S)
-        return S, y
-
-    time_major = [jnp.moveaxis(a, 1, 0) for a in (x, dt, Bm, Cm)]
-    final, y = jax.lax.scan(body, S0, time_major)
-    return jnp.moveaxis(y, 0, 1), final
+    step = lambda S, x_t, dt_t, B_t, C_t: _step(x_t, dt_t, A, B_t, C_t, Dskip, S)  # noqa: E731
+    return scan_over_time(step, S0, (x, dt, Bm, Cm))
 
 
 def _chunk_form(x, dt, A, Bm, Cm, Dskip, S0, chunk_size):
@@ -126,23 +117,18 @@ def _chunk_form(x, dt, A, Bm, Cm, Dskip, S0, chunk_size):
     return _skip(o, x, Dskip), final
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
-def _ssd(x, dt, A, Bm, Cm, Dskip, initial_state, *, impl, chunk_size):
-    out_dtype = x.dtype
-    acc = _acc_dtype(x, dt, A, Bm, Cm, Dskip)
+@functools.partial(jax.jit, static_argnames=("form", "chunk_size"))
+def _ssd(x, dt, A, Bm, Cm, Dskip, initial_state, *, form, chunk_size):
+    """The chosen form on inputs cast to the accumulation dtype; T >= 1."""
+    acc = acc_dtype(x, dt, A, Bm, Cm, Dskip)
     Bsz, T, H, P = x.shape
-    if initial_state is None:
-        S0 = jnp.zeros((Bsz, H, Bm.shape[-1], P), acc)
-    else:
-        S0 = initial_state.astype(acc)
-    if T == 0:
-        return jnp.zeros(x.shape, out_dtype), S0
-    args = [None if a is None else a.astype(acc) for a in (x, dt, A, Bm, Cm, Dskip)]
-    if impl == "reference":
+    S0 = state_or_zeros(initial_state, (Bsz, H, Bm.shape[-1], P), acc)
+    args = cast(acc, x, dt, A, Bm, Cm, Dskip)
+    if form == "reference":
         y, final = _reference_form(*args, S0)
     else:
         y, final = _chunk_form(*args, S0, min(chunk_size, T))
-    return y.astype(out_dtype), final
+    return y.astype(x.dtype), final
 
 
 def ssd(x, dt, A, Bm, Cm, Dskip=None, *, initial_state=None, impl="auto", chunk_size=64):
@@ -155,16 +141,21 @@ def ssd(x, dt, A, Bm, Cm, Dskip=None, *, initial_state=None, impl="auto", chunk_
       Bm, Cm: ``[B, T, N]``, shared by every head (one group).
       Dskip: ``[H]`` skip connection, or None.
       initial_state: ``[B, H, N, P]`` state before the first token; None means zeros.
-      impl: ``"reference"``, ``"chunk"`` or ``"auto"`` (chunk).
+      impl: ``"reference"``, ``"chunk"``, ``"pallas"`` or ``"auto"`` (``memjax.ops.dispatch``).
       chunk_size: chunk length of the chunk form (any positive int; T need not be a multiple).
 
     Returns:
       ``(y, final_state)``: y ``[B, T, H, P]`` in x's dtype; final_state ``[B, H, N, P]`` in
       float32 (float64 when the inputs are float64).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    chunk_size = _check_chunk_size(chunk_size)
+    form = dispatch.resolve("ssd", impl)
+    chunk_size = check_chunk_size(chunk_size)
     _validate(x, dt, A, Bm, Cm, Dskip, initial_state, step=False)
-    impl = "chunk" if impl == "auto" else impl
-    return _ssd(x, dt, A, Bm, Cm, Dskip, initial_state, impl=impl, chunk_size=chunk_size)
+    Bsz, T, H, P = x.shape
+    if T == 0:
+        acc = acc_dtype(x, dt, A, Bm, Cm, Dskip)
+        return empty_sequence(x.shape, x.dtype, initial_state, (Bsz, H, Bm.shape[-1], P), acc)
+    if form == "pallas":
+        return dispatch.kernel("ssd")(x, dt, A, Bm, Cm, Dskip, initial_state=initial_state,
+                                      chunk_size=chunk_size)
+    return _ssd(x, dt, A, Bm, Cm, Dskip, initial_state, form=form, chunk_size=chunk_size)

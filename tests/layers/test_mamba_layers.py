@@ -177,7 +177,7 @@ def test_split_and_resume_equals_whole(name):
     np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, 1)), np.asarray(whole), **F32_TOL)
 
 
-@pytest.mark.parametrize("name, impls", [("mamba", ("associative", "chunk")), ("mamba2", ("chunk",))])
+@pytest.mark.parametrize("name, impls", [("mamba", ("scan", "chunk")), ("mamba2", ("chunk",))])
 def test_forms_agree_at_layer_level(name, impls):
     """Outputs and parameter gradients of each parallel form equal the reference form's.
 

@@ -125,7 +125,7 @@ def test_s4d_conv_without_initial_state_and_without_skip(x64):
 def test_s5_forms_and_step_match_numpy(x64, method, conj_sym):
     p = s5_inputs(2)
     y_ref, x_ref = s5_np(**p, method=method, conj_sym=conj_sym)
-    for impl in ("associative", "chunk", "reference"):
+    for impl in ("scan", "chunk", "reference"):
         y, x = run_op(s5, p, impl, discretization=method, conj_sym=conj_sym, chunk_size=3)
         np.testing.assert_allclose(y, y_ref, err_msg=impl, **F64_TOL)
         np.testing.assert_allclose(x, x_ref, err_msg=impl, **F64_TOL)
@@ -187,7 +187,7 @@ def test_s4d_gradients_match_finite_differences(x64):
 
 def test_s5_gradients_match_finite_differences(x64):
     p = s5_inputs(4, Bsz=1, T=5, H=2, P=3)
-    check_gradients(s5, s5_np, p, ("associative", "reference"))
+    check_gradients(s5, s5_np, p, ("scan", "reference"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 
 from memjax.ops import linear_scan
 
-IMPLS = ("reference", "associative", "chunk")
+IMPLS = ("reference", "scan", "chunk")
 F64_TOL = dict(rtol=1e-11, atol=1e-11)
 
 

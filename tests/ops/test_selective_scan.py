@@ -14,7 +14,7 @@ from numpy_reference import rel_rms
 from memjax.ops import selective_scan, selective_scan_step
 
 B, D, N = 2, 3, 4
-FORMS = ("reference", "associative", "chunk")
+FORMS = ("reference", "scan", "chunk")
 F64_TOL = dict(rtol=1e-10, atol=1e-10)
 F64_GRAD_TOL = dict(rtol=1e-9, atol=1e-9)
 # float32 inputs vs the float64 oracle (fed the same float32-rounded inputs), relative RMS.
@@ -105,7 +105,7 @@ def test_gradients_agree_and_match_finite_differences(x64):
         impl: jax.grad(_loss, argnums=tuple(range(1, 8)))(impl, *args, jnp.asarray(wy), jnp.asarray(wh))
         for impl in FORMS
     }
-    for impl in ("associative", "chunk"):
+    for impl in ("scan", "chunk"):
         for name, g, g_ref in zip("x dt A Bm Cm Dskip h0".split(), grads[impl], grads["reference"]):
             np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), **F64_GRAD_TOL,
                                        err_msg=f"{impl} d{name}")
