@@ -121,3 +121,118 @@ def rel_rms(x, ref) -> float:
     low-precision inputs)."""
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
     return float(np.sqrt(np.mean((x - ref) ** 2)) / np.sqrt(np.mean(ref**2)))
+
+
+def linear_scan_np(a, b, h0):
+    """h_t = a_t h_{t-1} + b_t (elementwise), token by token in float64 / complex128.
+
+    a, b: [B, T, *S]; h0: [B, *S]. Returns (h [B, T, *S], final state [B, *S])."""
+    h = np.array(h0)
+    out = np.zeros_like(b)
+    for t in range(b.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        out[:, t] = h
+    return out, h
+
+
+def selective_scan_np(x, dt, A, Bm, Cm, Dskip=None, initial_state=None):
+    """h_t[d,n] = exp(dt_t[d] A[d,n]) h_{t-1}[d,n] + dt_t[d] Bm_t[n] x_t[d];
+    y_t[d] = sum_n Cm_t[n] h_t[d,n] + Dskip[d] x_t[d]. Plain loops in float64.
+
+    x, dt: [B, T, D]; A: [D, N]; Bm, Cm: [B, T, N]; state [B, D, N]."""
+    x, dt, A, Bm, Cm = (np.asarray(a, np.float64) for a in (x, dt, A, Bm, Cm))
+    Bsz, T, Dn = x.shape
+    Nn = A.shape[1]
+    h = np.zeros((Bsz, Dn, Nn)) if initial_state is None else np.array(initial_state, np.float64)
+    skip = np.zeros(Dn) if Dskip is None else np.asarray(Dskip, np.float64)
+    y = np.zeros((Bsz, T, Dn))
+    for t in range(T):
+        for b in range(Bsz):
+            for d in range(Dn):
+                for n in range(Nn):
+                    h[b, d, n] = (np.exp(dt[b, t, d] * A[d, n]) * h[b, d, n]
+                                  + dt[b, t, d] * Bm[b, t, n] * x[b, t, d])
+                y[b, t, d] = Cm[b, t] @ h[b, d] + skip[d] * x[b, t, d]
+    return y, h
+
+
+def ssd_np(x, dt, A, Bm, Cm, Dskip=None, initial_state=None):
+    """S_t[h] = exp(dt_t[h] A[h]) S_{t-1}[h] + dt_t[h] outer(Bm_t, x_t[h]);
+    y_t[h] = S_t[h]^T Cm_t + Dskip[h] x_t[h]. Plain loops in float64.
+
+    x: [B, T, H, P]; dt: [B, T, H]; A: [H]; Bm, Cm: [B, T, N]; state [B, H, N, P]."""
+    x, dt, A, Bm, Cm = (np.asarray(a, np.float64) for a in (x, dt, A, Bm, Cm))
+    Bsz, T, Hn, Pn = x.shape
+    S = (np.zeros((Bsz, Hn, Bm.shape[-1], Pn)) if initial_state is None
+         else np.array(initial_state, np.float64))
+    skip = np.zeros(Hn) if Dskip is None else np.asarray(Dskip, np.float64)
+    y = np.zeros_like(x)
+    for t in range(T):
+        for b in range(Bsz):
+            for h in range(Hn):
+                S[b, h] = (np.exp(dt[b, t, h] * A[h]) * S[b, h]
+                           + dt[b, t, h] * np.outer(Bm[b, t], x[b, t, h]))
+                y[b, t, h] = S[b, h].T @ Cm[b, t] + skip[h] * x[b, t, h]
+    return y, S
+
+
+def discretize_np(Lambda, dt, method):
+    """(Lambda_bar, gain) with B_bar = gain * B: ZOH or bilinear, from the textbook formulas."""
+    if method == "zoh":
+        Lambda_bar = np.exp(dt * Lambda)
+        return Lambda_bar, (Lambda_bar - 1.0) / Lambda
+    Lambda_bar = (1.0 + dt * Lambda / 2) / (1.0 - dt * Lambda / 2)
+    return Lambda_bar, dt / (1.0 - dt * Lambda / 2)
+
+
+def s4d_np(u, Lambda, B, C, log_dt, D, x0, method="zoh"):
+    """Per channel h and mode n: x = Lbar x + Bbar u_t;  y_t = 2 Re(sum_n C x) + D u_t.
+
+    u: [B, T, H]; Lambda, B, C: [H, N] complex; log_dt, D: [H]; x0: [B, H, N] complex or None."""
+    u, log_dt, D = (np.asarray(a, np.float64) for a in (u, log_dt, D))
+    Lambda_bar, gain = discretize_np(np.asarray(Lambda), np.exp(log_dt)[:, None], method)
+    B_bar = gain * np.asarray(B)
+    x = np.zeros((u.shape[0], *Lambda_bar.shape), np.complex128)
+    if x0 is not None:
+        x = np.array(x0, dtype=np.complex128)
+    y = np.zeros(u.shape)
+    for t in range(u.shape[1]):
+        x = Lambda_bar * x + B_bar * u[:, t, :, None]
+        y[:, t] = 2.0 * np.real(np.sum(np.asarray(C) * x, axis=-1)) + D * u[:, t]
+    return y, x
+
+
+def s5_np(u, Lambda, B, C, log_dt, D, x0, method="zoh", conj_sym=True):
+    """Shared state: x = Lbar x + Bbar u_t (Bbar [P, H]);  y_t = 2 Re(C x) + D u_t (C [H, P]).
+
+    u: [B, T, H]; Lambda, log_dt: [P]; D: [H]; x0: [B, P] complex or None."""
+    u, log_dt, D = (np.asarray(a, np.float64) for a in (u, log_dt, D))
+    Lambda_bar, gain = discretize_np(np.asarray(Lambda), np.exp(log_dt), method)
+    B_bar = gain[:, None] * np.asarray(B)
+    x = np.zeros((u.shape[0], Lambda_bar.shape[0]), np.complex128)
+    if x0 is not None:
+        x = np.array(x0, dtype=np.complex128)
+    y = np.zeros(u.shape)
+    for t in range(u.shape[1]):
+        x = Lambda_bar * x + u[:, t] @ B_bar.T
+        y[:, t] = (2.0 if conj_sym else 1.0) * np.real(x @ np.asarray(C).T) + D * u[:, t]
+    return y, x
+
+
+def softmax_attention_np(q, k, v, window=None, scale=None):
+    """Causal (optionally sliding-window) softmax attention in float64, loop over t, b, h:
+    o_t = sum_{s in W(t)} softmax_s(scale q_t . k_s) v_s, W(t) = {s <= t} or, with a window,
+    {t - window < s <= t}."""
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    nb, nt, nh, nk = q.shape
+    scale = nk**-0.5 if scale is None else float(scale)
+    o = np.zeros(v.shape, dtype=np.float64)
+    for t in range(nt):
+        first = 0 if window is None else max(0, t - window + 1)  # t - window < s <= t
+        for b in range(nb):
+            for h in range(nh):
+                logits = np.array([scale * (q[b, t, h] @ k[b, s, h]) for s in range(first, t + 1)])
+                w = np.exp(logits - logits.max())
+                w /= w.sum()
+                o[b, t, h] = sum(w[i] * v[b, s, h] for i, s in enumerate(range(first, t + 1)))
+    return o
