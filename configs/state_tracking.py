@@ -136,7 +136,7 @@ def get_config(arg=None):
         config.task.eval_batch_size = 32
         make_smoke(config)
         config.model.num_layers = 1
-        if "impl" in config.model.mixer:
+        if config.model.mixer is not None and "impl" in config.model.mixer:
             # The sequential form compiles in a third of the chunk form's time at these lengths.
             config.model.mixer.impl = "reference"
     return config

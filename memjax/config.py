@@ -65,6 +65,8 @@ def load_config(spec: str, overrides: dict | None = None) -> ml_collections.Conf
 # Presets that are a registered mixer with some options changed (`model=<preset>` in configs).
 MIXER_PRESETS = {
     "sliding_window": ("attention", {"window": 16}),
+    # The sliding-window attention layer of hybrid stacks (e.g. model=swa+gated_deltanet).
+    "swa": ("attention", {"window": 64}),
     # Based as published for language modelling: Taylor linear attention plus a 64-token softmax
     # window (`based` alone is the no-window Based of Zoology's MQAR figures).
     "based_lm": ("based", {"window": 64}),
@@ -92,16 +94,28 @@ def mixer_config(model: str) -> ml_collections.ConfigDict:
 def lm_config(vocab_size, d_model: int, model: str, num_layers: int = 2) -> ml_collections.ConfigDict:
     """`config.model` of the language-model backbone used by the synthetic tasks.
 
-    `vocab_size` may be a FieldReference shared with `config.task`. No MLP (Zoology's MQAR models
-    use an identity "state mixer"), a width-4 short convolution, no position embedding.
+    `model`: a mixer or preset for every layer (`config.model.mixer`), or a per-layer pattern
+    of them joined by "+" (`model=swa+gated_deltanet`: `config.model.layers`, repeated to
+    `num_layers`, with each kind's options under `config.model.mixers.<kind>`; `mixer` is then
+    None). `vocab_size` may be a FieldReference shared with `config.task`. No MLP (Zoology's
+    MQAR models use an identity "state mixer"), a width-4 short convolution in front of mixers
+    that have none of their own, no position embedding.
     """
+    from memjax.models.lm import layer_kinds
+
+    kinds = layer_kinds(model)
     model_cfg = ml_collections.ConfigDict()
     model_cfg.name = "lm"
     model_cfg.vocab_size = vocab_size
     model_cfg.d_model = d_model
     model_cfg.num_layers = num_layers
-    model_cfg.mixer = mixer_config(model)
+    hybrid = len(kinds) > 1
+    model_cfg.mixer = None if hybrid else mixer_config(model)
+    model_cfg.layers = "+".join(kinds) if hybrid else ""
+    model_cfg.mixers = ml_collections.ConfigDict(
+        {kind: mixer_config(kind) for kind in kinds} if hybrid else {})
     model_cfg.short_conv = 4
+    model_cfg.stack_short_convs = False  # True: also in front of mixers with their own (ablation)
     model_cfg.mlp_ratio = 0.0
     model_cfg.norm = "layernorm"
     model_cfg.pos_emb = "none"

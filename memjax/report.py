@@ -38,6 +38,15 @@ def mixer_label(mixer: dict) -> str:
     return mixer["name"] + (f"({', '.join(changed)})" if changed else "")
 
 
+def model_label(model: dict) -> str:
+    """The mixer label, or for a per-layer pattern its kinds' labels joined by "+"."""
+    if not model.get("layers"):
+        return mixer_label(model["mixer"])
+    from memjax.models.lm import layer_kinds
+
+    return "+".join(mixer_label(model["mixers"][kind]) for kind in layer_kinds(model["layers"]))
+
+
 # Pooled key-swap recall probe metrics (MQAR) -> their columns, placed right after `accuracy`.
 PROBE_COLUMNS = {"probe/swapped_accuracy": "probe_swapped",
                  "probe/original_accuracy": "probe_original"}
@@ -84,7 +93,7 @@ def collect(sweep_dir) -> list[dict]:
         config = json.loads((run_dir / "config.json").read_text())
         info_path = run_dir / "sweep_run.json"
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        row = {"run": run_dir.name, "mixer": mixer_label(config["model"]["mixer"]),
+        row = {"run": run_dir.name, "mixer": model_label(config["model"]),
                "d_model": config["model"]["d_model"], "lr": config["train"]["lr"],
                "params": result["num_params"], "state_bytes": result["state_size_bytes"],
                "steps": result["step"], "stopped": result["stopped"],

@@ -64,3 +64,21 @@ def test_command_line_rejects_bad_overrides(tmp_path, override, expected):
     assert run.returncode != 0
     assert expected in run.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_hybrid_pattern_sets_per_layer_mixers(tmp_path):
+    config = load_config("configs/mqar.py:model=swa+gated_deltanet,smoke",
+                         {"model.mixers.swa.window": 8, "train.steps": 2,
+                          "train.warmup_steps": 1})
+    assert config.model.mixer is None and config.model.layers == "swa+gated_deltanet"
+    assert (config.model.mixers.swa.name, config.model.mixers.gated_deltanet.name) == (
+        "attention", "gated_deltanet")
+    with pytest.raises(AttributeError, match="windw"):
+        load_config("configs/mqar.py:model=swa+gated_deltanet", {"model.mixers.swa.windw": 8})
+    from memjax.train.trainer import train
+
+    config.train.eval_every = config.train.checkpoint_every = 2
+    result = train(config, str(tmp_path / "run"))
+    assert result["step"] == 2 and 0 <= result["test/accuracy"] <= 1
+    saved = (tmp_path / "run" / "config.json").read_text()
+    assert '"layers": "swa+gated_deltanet"' in saved

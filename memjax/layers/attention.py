@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memjax.layers.heads import FLOAT32_BYTES, head_dim
+from memjax.layers.heads import head_dim
 from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 from memjax.ops.attention import softmax_attention
@@ -15,8 +15,9 @@ class Attention(nn.Module):
     """Multi-head causal softmax attention; `window > 0` restricts it to the last `window` tokens.
 
     Input and output `[B, T, d_model]`. Decoding state (`init_cache`): key and value buffers
-    `[B, max_len, H, d_model / H]` and the number of tokens seen. `__call__(x, cache)` treats x
-    as the continuation of the cached tokens and returns `(y, cache)`.
+    `[B, S, H, d_model / H]` (S = max_len, or the window when it is shorter) and the number of
+    tokens seen. `__call__(x, cache)` treats x as the continuation of the cached tokens and
+    returns `(y, cache)`.
     """
 
     d_model: int
@@ -33,22 +34,39 @@ class Attention(nn.Module):
         if cache is None:
             o = softmax_attention(q, k, v, window=self.window or None)
             return out(o.reshape(batch, seq_len, -1))
-        start = cache["length"]
-        keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1)
-        values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1)
-        o = softmax_attention(q, keys, values, window=self.window or None, q_offset=start)
-        new_cache = {"k": keys, "v": values, "length": start + seq_len}
+        o, new_cache = self._attend_cached(q, k, v, cache)
         return out(o.astype(x.dtype).reshape(batch, seq_len, -1)), new_cache
 
-    def init_cache(self, batch_size: int, max_len: int) -> dict:
-        """Empty key/value buffers for up to `max_len` tokens (float32)."""
-        shape = (batch_size, max_len, self.num_heads, head_dim(self.d_model, self.num_heads))
-        return {"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32),
-                "length": jnp.zeros((), jnp.int32)}
+    def _attend_cached(self, q, k, v, cache):
+        """Attention of new tokens to the cache and themselves; returns `(o, new_cache)`."""
+        start, seq_len, buffer = cache["length"], q.shape[1], cache["k"].shape[1]
+        k, v = k.astype(cache["k"].dtype), v.astype(cache["v"].dtype)
+        window = self.window or None
+        if not self._is_window_buffer(buffer):
+            keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k, start, axis=1)
+            values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v, start, axis=1)
+            o = softmax_attention(q, keys, values, window=window, q_offset=start)
+            return o, {"k": keys, "v": values, "length": start + seq_len}
+        # The buffer holds the last `buffer` tokens in position order (slot j: position
+        # start - buffer + j; negative positions are unwritten and masked). The new tokens go
+        # after it and the last `buffer` of the concatenation is the next buffer: a shift, not
+        # a ring index, since every decoding step reads the whole buffer anyway.
+        keys = jnp.concatenate([cache["k"], k], axis=1)
+        values = jnp.concatenate([cache["v"], v], axis=1)
+        o = softmax_attention(q, keys, values, window=window, q_offset=start,
+                              k_offset=start - buffer)
+        return o, {"k": keys[:, seq_len:], "v": values[:, seq_len:], "length": start + seq_len}
 
-    def state_size(self, seq_len: int) -> int:
-        """Bytes of the key/value cache needed to decode after `seq_len` tokens (float32)."""
+    def _is_window_buffer(self, buffer: int) -> bool:
+        return 0 < self.window == buffer
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """Empty key/value buffers (float32) `[B, S, H, d_model / H]`: S = `max_len` for full
+        attention, or `window` when the window is shorter (only the last `window` tokens are
+        ever read, so the buffer keeps those)."""
         if self.window < 0:
             raise ValueError(f"window must be >= 0 (0 = full attention), got {self.window}")
-        cached = min(seq_len, self.window) if self.window else seq_len
-        return 2 * self.d_model * cached * FLOAT32_BYTES
+        slots = min(self.window, max_len) if self.window else max_len
+        shape = (batch_size, slots, self.num_heads, head_dim(self.d_model, self.num_heads))
+        return {"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32),
+                "length": jnp.zeros((), jnp.int32)}

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from memjax.layers.attention import Attention
-from memjax.layers.heads import FLOAT32_BYTES, head_dim, merge_heads, run_recurrent, split_heads
+from memjax.layers.heads import head_dim, merge_heads, run_recurrent, split_heads
 from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 from memjax.ops import linear_attention, linear_attention_step
@@ -73,12 +73,3 @@ class Based(nn.Module):
             return {"linear": linear}
         window = Attention(self.d_model, self.window_heads, self.window, parent=None)
         return {"linear": linear, "window": window.init_cache(batch_size, max_len)}
-
-    def state_size(self, seq_len: int) -> int:
-        """Linear state `H * F * (d/H + 1)` plus the window's key/value cache, in bytes."""
-        value_width = head_dim(self.d_model, self.num_heads)
-        linear = self.num_heads * self._features() * (value_width + 1) * FLOAT32_BYTES
-        if not self.window:
-            return linear
-        window = Attention(self.d_model, self.window_heads, self.window, parent=None)
-        return linear + window.state_size(seq_len)

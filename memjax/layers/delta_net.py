@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from memjax.layers.conv import ShortConv
-from memjax.layers.heads import (FLOAT32_BYTES, head_dim, l2_normalize, merge_heads, run_recurrent,
+from memjax.layers.heads import (head_dim, l2_normalize, merge_heads, run_recurrent,
                                  split_heads)
 from memjax.layers.initializers import dt_bias_init
 from memjax.layers import initializers
@@ -26,6 +26,8 @@ class DeltaNet(nn.Module):
     `[B, T, d_model]` in and out; decoding cache: the state `[B, H, K, K]` and the three
     convolution histories.
     """
+
+    own_short_conv = True  # the block adds no short convolution in front (not a field)
 
     d_model: int
     num_heads: int = 2
@@ -82,13 +84,6 @@ class DeltaNet(nn.Module):
         conv = ShortConv(self.conv_size, parent=None)
         return {"state": jnp.zeros((batch_size, self.num_heads, dim, dim), jnp.float32),
                 **{f"conv_{n}": conv.init_cache(batch_size, self.d_model) for n in ("q", "k", "v")}}
-
-    def state_size(self, seq_len: int) -> int:
-        """Bytes of decoding state: the H x K x K memory plus three convolution histories."""
-        del seq_len
-        dim = head_dim(self.d_model, self.num_heads)
-        conv = 3 * (self.conv_size - 1) * self.d_model
-        return (self.num_heads * dim * dim + conv) * FLOAT32_BYTES
 
 
 @MIXERS.register("gated_deltanet")

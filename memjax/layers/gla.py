@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memjax.layers.heads import FLOAT32_BYTES, head_dim, merge_heads, run_recurrent, split_heads
+from memjax.layers.heads import head_dim, merge_heads, run_recurrent, split_heads
 from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 from memjax.ops import linear_attention, linear_attention_step
@@ -59,7 +59,3 @@ class GatedLinearAttention(nn.Module):
         value_width = head_dim(self.d_model, self.num_heads)
         return {"state": jnp.zeros((batch_size, self.num_heads, self._key_width(), value_width),
                                    jnp.float32)}
-
-    def state_size(self, seq_len: int) -> int:
-        del seq_len
-        return self.num_heads * self._key_width() * head_dim(self.d_model, self.num_heads) * FLOAT32_BYTES

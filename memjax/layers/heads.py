@@ -2,8 +2,6 @@
 
 import jax.numpy as jnp
 
-FLOAT32_BYTES = 4
-
 
 def head_dim(d_model: int, num_heads: int) -> int:
     if d_model % num_heads:

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 
 from memjax import hippo
-from memjax.layers.heads import FLOAT32_BYTES
 from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 
@@ -133,7 +132,3 @@ class HiPPORNN(nn.Module):
         return {"h": jnp.zeros((batch_size, self.hidden), jnp.float32),
                 "c": jnp.zeros((batch_size, self.memory_channels, self.order), jnp.float32),
                 "position": jnp.zeros((), jnp.int32)}
-
-    def state_size(self, seq_len: int) -> int:
-        del seq_len
-        return (self.hidden + self.memory_channels * self.order) * FLOAT32_BYTES + POSITION_BYTES

@@ -3,7 +3,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from memjax.layers.heads import FLOAT32_BYTES, head_dim, run_recurrent
+from memjax.layers.heads import head_dim, run_recurrent
 from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 from memjax.ops import linear_attention, linear_attention_step
@@ -41,9 +41,3 @@ class LinearAttention(nn.Module):
         del max_len  # the recurrent state does not grow with the sequence
         width = head_dim(self.d_model, self.num_heads)
         return {"state": jnp.zeros((batch_size, self.num_heads, width, width), jnp.float32)}
-
-    def state_size(self, seq_len: int) -> int:
-        """Bytes of the recurrent state, independent of `seq_len`: H * K * V float32."""
-        del seq_len
-        width = head_dim(self.d_model, self.num_heads)
-        return self.num_heads * width * width * FLOAT32_BYTES

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 
 from memjax.layers.conv import ShortConv
-from memjax.layers.heads import FLOAT32_BYTES
 from memjax.layers.initializers import dt_bias_init
 from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
@@ -79,6 +78,8 @@ class Mamba(nn.Module):
     Decoding cache: ``{"conv": [B, conv_size - 1, E], "ssm": [B, E, N']}`` with ``N' = N``
     (``N - 1`` when polarized). ``impl`` and ``chunk_size`` go to ``selective_scan``.
     """
+
+    own_short_conv = True  # the block adds no short convolution in front (not a field)
 
     d_model: int
     expand: int = 2
@@ -184,9 +185,3 @@ class Mamba(nn.Module):
         conv = ShortConv(self.conv_size, parent=None)
         return {"conv": conv.init_cache(batch_size, E),
                 "ssm": jnp.zeros((batch_size, E, self._scan_states()), jnp.float32)}
-
-    def state_size(self, seq_len: int) -> int:
-        """Bytes of decoding state: the E x N' scan state plus the conv history (float32)."""
-        del seq_len
-        E = self._inner()
-        return (E * self._scan_states() + (self.conv_size - 1) * E) * FLOAT32_BYTES

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from memjax.layers.conv import ShortConv
-from memjax.layers.heads import FLOAT32_BYTES, merge_heads, split_heads
+from memjax.layers.heads import merge_heads, split_heads
 from memjax.layers.initializers import dt_bias_init
 from memjax.layers.mamba import MIMETIC_A_SCALE, check_initialization, tie_columns
 from memjax.layers import initializers
@@ -50,6 +50,8 @@ class Mamba2(nn.Module):
     Decoding cache: ``{"conv": [B, conv_size - 1, E + 2N], "ssm": [B, H', N, P]}`` with
     ``H' = H`` (``H - 1`` when polarized). ``impl`` and ``chunk_size`` go to ``ssd``.
     """
+
+    own_short_conv = True  # the block adds no short convolution in front (not a field)
 
     d_model: int
     expand: int = 2
@@ -180,10 +182,3 @@ class Mamba2(nn.Module):
         ssm = (batch_size, self._scan_heads(), self.state_dim, self.head_dim)
         return {"conv": conv.init_cache(batch_size, self._inner() + 2 * self.state_dim),
                 "ssm": jnp.zeros(ssm, jnp.float32)}
-
-    def state_size(self, seq_len: int) -> int:
-        """Bytes of decoding state: the H' x N x P SSD state plus the conv history (float32)."""
-        del seq_len
-        conv = (self.conv_size - 1) * (self._inner() + 2 * self.state_dim)
-        return (self._scan_heads() * self.state_dim * self.head_dim + conv) * FLOAT32_BYTES
-

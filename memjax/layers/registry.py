@@ -20,6 +20,12 @@ def mixer_options(name: str) -> dict:
     }
 
 
+def has_own_short_conv(name: str) -> bool:
+    """Whether mixer `name` convolves its own projections (class attribute `own_short_conv`),
+    so the block's short convolution in front of it would be a second one in a row."""
+    return getattr(MIXERS.get(name), "own_short_conv", False)
+
+
 def build_mixer(d_model: int, options: dict, **module_kwargs):
     """Instantiates mixer `options["name"]` with the remaining options as its fields."""
     options = dict(options)

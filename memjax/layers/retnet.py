@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from memjax.layers.heads import FLOAT32_BYTES, head_dim, merge_heads, run_recurrent, split_heads
+from memjax.layers.heads import head_dim, merge_heads, run_recurrent, split_heads
 from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 from memjax.ops import linear_attention, linear_attention_step
@@ -50,8 +50,3 @@ class Retention(nn.Module):
         del max_len
         dim = head_dim(self.d_model, self.num_heads)
         return {"state": jnp.zeros((batch_size, self.num_heads, dim, dim), jnp.float32)}
-
-    def state_size(self, seq_len: int) -> int:
-        del seq_len
-        dim = head_dim(self.d_model, self.num_heads)
-        return self.num_heads * dim * dim * FLOAT32_BYTES

@@ -3,7 +3,6 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from memjax.layers.heads import FLOAT32_BYTES
 from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 
@@ -45,10 +44,6 @@ class LSTM(nn.Module):
         zeros = jnp.zeros((batch_size, self.hidden), jnp.float32)
         return {"c": zeros, "h": zeros}
 
-    def state_size(self, seq_len: int) -> int:
-        del seq_len
-        return 2 * self.hidden * FLOAT32_BYTES
-
 
 @MIXERS.register("gru")
 class GRU(nn.Module):
@@ -71,7 +66,3 @@ class GRU(nn.Module):
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         del max_len
         return {"h": jnp.zeros((batch_size, self.hidden), jnp.float32)}
-
-    def state_size(self, seq_len: int) -> int:
-        del seq_len
-        return self.hidden * FLOAT32_BYTES

@@ -6,15 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from memjax.hippo import nplr
-from memjax.layers.heads import FLOAT32_BYTES
 from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 from memjax.ops import s4d, s4d_step
 
 INITS = ("legs", "lin")
-
-# A complex number stored as a real pair (two float32): optimizers and checkpoints see reals only.
-COMPLEX_BYTES = 2 * FLOAT32_BYTES
 
 
 def check_even_state_dim(name: str, n: int) -> int:
@@ -66,7 +62,8 @@ def eigenvalue_params(module: nn.Module, eigenvalues: np.ndarray, shape: tuple):
 
 
 def complex_param(module: nn.Module, name: str, init, shape: tuple):
-    """A complex parameter stored as a float32 array ``shape + (2,)`` (real, imaginary)."""
+    """A complex parameter stored as a float32 array ``shape + (2,)`` (real, imaginary), so
+    optimizers and checkpoints see reals only."""
     pair = module.param(name, init, (*shape, 2))
     return jax.lax.complex(pair[..., 0], pair[..., 1])
 
@@ -133,7 +130,3 @@ class S4D(nn.Module):
         del max_len
         modes = check_even_state_dim("state_dim", self.state_dim)
         return {"state": jnp.zeros((batch_size, self.d_model, modes), jnp.complex64)}
-
-    def state_size(self, seq_len: int) -> int:
-        del seq_len
-        return self.d_model * check_even_state_dim("state_dim", self.state_dim) * COMPLEX_BYTES

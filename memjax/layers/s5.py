@@ -7,7 +7,6 @@ import numpy as np
 
 from memjax.layers.registry import MIXERS
 from memjax.layers.s4d import (
-    COMPLEX_BYTES,
     check_even_state_dim,
     complex_param,
     eigenvalue_params,
@@ -87,7 +86,3 @@ class S5(nn.Module):
         del max_len
         modes = s5_modes(self.state_dim, self.conj_sym)
         return {"state": jnp.zeros((batch_size, modes), jnp.complex64)}
-
-    def state_size(self, seq_len: int) -> int:
-        del seq_len
-        return s5_modes(self.state_dim, self.conj_sym) * COMPLEX_BYTES

@@ -1,13 +1,13 @@
-"""Language-model backbone: embedding, pre-norm blocks around a named token mixer, LM head."""
+"""Language-model backbone: embedding, pre-norm blocks around token mixers, LM head."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from memjax.layers import GatedMLP, ShortConv, build_mixer, initializers
+from memjax.layers.cache import cache_bytes
+from memjax.layers.registry import has_own_short_conv
 from memjax.models.registry import MODELS
-
-FLOAT32_BYTES = 4
 
 
 def _norm(kind: str, name: str) -> nn.Module:
@@ -21,6 +21,9 @@ def _norm(kind: str, name: str) -> nn.Module:
 class Block(nn.Module):
     """`h = x + mixer(conv(norm(x)))`, then `h + mlp(norm(h))` when the MLP is on. `[B, T, D]`.
 
+    The short convolution (width `short_conv`, 0 = none) is left out in front of mixers that
+    convolve their own projections (DeltaNet, Mamba, ...: `own_short_conv`), unless
+    `stack_short_convs` keeps both (the layout before this rule; an ablation).
     With `cache` (`{"conv": ..., "mixer": ...}`) x continues the cached tokens; returns `(x, cache)`.
     """
 
@@ -29,12 +32,17 @@ class Block(nn.Module):
     short_conv: int
     mlp_ratio: float
     norm: str
+    stack_short_convs: bool = False
+
+    def _has_conv(self) -> bool:
+        return bool(self.short_conv) and (self.stack_short_convs
+                                          or not has_own_short_conv(self.mixer["name"]))
 
     @nn.compact
     def __call__(self, x, cache=None):
         new_cache = {}
         h = _norm(self.norm, "mixer_norm")(x)
-        if self.short_conv:
+        if self._has_conv():
             conv = ShortConv(self.short_conv, name="short_conv")
             if cache is None:
                 h = conv(h)
@@ -53,7 +61,7 @@ class Block(nn.Module):
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         cache = {"mixer": build_mixer(self.d_model, self.mixer, parent=None).init_cache(batch_size, max_len)}
-        if self.short_conv:
+        if self._has_conv():
             cache["conv"] = ShortConv(self.short_conv, parent=None).init_cache(batch_size, self.d_model)
         return cache
 
@@ -80,6 +88,11 @@ class LanguageModel(nn.Module):
     Token models (both 0) have exactly the parameters, outputs and cache they had before these
     options existed. Prefill-then-decode works the same for float inputs (`[B, t, n]` chunks).
 
+    Layers: every block uses `mixer` (options with a `name`), unless `layers` names a mixer per
+    block: a pattern of mixer kinds (a string, kinds separated by "," or "+", or a sequence)
+    repeated to `num_layers`, each kind's options in `mixers[kind]`. E.g. `layers="swa,deltanet"`
+    with 4 layers is swa, deltanet, swa, deltanet (a hybrid stack).
+
     `init_scheme` (`config.model.init`): how every layer initialises its parameters,
     `"reference"` (normal(0.02), output projections 0.02 / sqrt(2 num_layers)) or `"flax"`;
     see `memjax.layers.initializers`.
@@ -98,6 +111,9 @@ class LanguageModel(nn.Module):
     input_dim: int = 0
     output_dim: int = 0
     init_scheme: str = "reference"
+    layers: str | tuple = ()
+    mixers: dict | None = None
+    stack_short_convs: bool = False
 
     @nn.compact
     def __call__(self, tokens, positions=None, cache=None):
@@ -126,9 +142,7 @@ class LanguageModel(nn.Module):
         elif self.pos_emb != "none":
             raise ValueError(f"unknown pos_emb {self.pos_emb!r}; known: none, learned")
         block_caches = []
-        for i in range(self.num_layers):
-            block = Block(self.d_model, self.mixer, self.short_conv, self.mlp_ratio, self.norm,
-                          name=f"block_{i}")
+        for i, block in enumerate(self._blocks(named=True)):
             if cache is None:
                 x = block(x)
             else:
@@ -160,14 +174,41 @@ class LanguageModel(nn.Module):
             raise ValueError(f"vocab_size must be >= 1 for token inputs or vocab logits, got "
                              f"{self.vocab_size}")
 
+    def layer_mixers(self) -> list[dict]:
+        """The mixer options of each of the `num_layers` blocks (see the class docstring)."""
+        kinds = layer_kinds(self.layers)
+        if not kinds:
+            return [self.mixer] * self.num_layers
+        if self.num_layers % len(kinds):
+            raise ValueError(f"layers pattern {list(kinds)} ({len(kinds)} kinds) does not repeat "
+                             f"evenly to num_layers = {self.num_layers}")
+        missing = sorted(set(kinds) - set(self.mixers or {}))
+        if missing:
+            raise ValueError(f"layers names {missing} but model.mixers has options only for "
+                             f"{sorted(self.mixers or {})}: give every kind its entry")
+        return [dict(self.mixers[kind]) for kind in kinds] * (self.num_layers // len(kinds))
+
+    def _blocks(self, named: bool = False) -> list[Block]:
+        """One Block per layer: submodules `block_<i>` inside `__call__` (`named`), else unbound."""
+        where = (lambda i: {"name": f"block_{i}"}) if named else (lambda i: {"parent": None})
+        return [Block(self.d_model, mixer, self.short_conv, self.mlp_ratio, self.norm,
+                      self.stack_short_convs, **where(i))
+                for i, mixer in enumerate(self.layer_mixers())]
+
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         """An empty decoding cache for `batch_size` sequences of up to `max_len` tokens."""
-        block = Block(self.d_model, self.mixer, self.short_conv, self.mlp_ratio, self.norm, parent=None)
         return {"length": jnp.zeros((), jnp.int32),
-                "blocks": [block.init_cache(batch_size, max_len) for _ in range(self.num_layers)]}
+                "blocks": [block.init_cache(batch_size, max_len) for block in self._blocks()]}
 
     def state_size(self, seq_len: int) -> int:
-        """Bytes of recurrent state to decode after `seq_len` tokens: mixers plus conv buffers."""
-        mixer = build_mixer(self.d_model, self.mixer, parent=None)  # unbound: only reads fields
-        conv = (self.short_conv - 1) * self.d_model * FLOAT32_BYTES if self.short_conv else 0
-        return self.num_layers * (mixer.state_size(seq_len) + conv)
+        """Bytes of the decoding cache of one sequence after `seq_len` tokens: every layer's
+        mixer state and convolution history plus the position counters (from the shapes of
+        `init_cache`, so it cannot drift from what decoding keeps)."""
+        return cache_bytes(self, seq_len)
+
+
+def layer_kinds(layers: str | tuple) -> tuple[str, ...]:
+    """`"swa,deltanet"` / `"swa+deltanet"` / `("swa", "deltanet")` -> `("swa", "deltanet")`."""
+    if isinstance(layers, str):
+        layers = layers.replace("+", ",").split(",")
+    return tuple(kind.strip() for kind in layers if kind.strip())

@@ -47,3 +47,38 @@ def test_prefill_then_decode_equals_full_forward(mixer_name, overrides):
     decoded = jnp.concatenate(pieces, axis=1)
     np.testing.assert_allclose(np.asarray(decoded), np.asarray(full), rtol=2e-4, atol=2e-4)
     assert int(cache["length"]) == T
+
+
+def test_hybrid_stack_decodes_and_its_state_size_is_its_cache():
+    """A per-layer pattern (window-3 attention, then Gated DeltaNet, twice): decoding equals the
+    full pass, the window layers keep 3 tokens, and state_size counts exactly the cache."""
+    mixers = {"swa": {"name": "attention", "window": 3},
+              "gated_deltanet": {"name": "gated_deltanet", "chunk_size": 16}}
+    model = build_model(dict(name="lm", vocab_size=VOCAB, d_model=D, num_layers=4, mixer=None,
+                             layers="swa,gated_deltanet", mixers=mixers, short_conv=3))
+    tokens = jax.random.randint(jax.random.key(1), (2, T), 0, VOCAB)
+    params = model.init(jax.random.key(0), tokens)["params"]
+    assert "short_conv" in params["block_0"] and "short_conv" not in params["block_1"]
+    full = model.apply({"params": params}, tokens)
+    cache = model.init_cache(2, T)
+    logits, cache = model.apply({"params": params}, tokens[:, :PROMPT], cache=cache)
+    pieces = [logits]
+    for t in range(PROMPT, T):
+        logits, cache = model.apply({"params": params}, tokens[:, t : t + 1], cache=cache)
+        pieces.append(logits)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, axis=1)), np.asarray(full),
+                               rtol=2e-4, atol=2e-4)
+    assert [b["mixer"]["k"].shape[1] for b in cache["blocks"][::2]] == [3, 3]
+    per_sequence = sum(leaf.nbytes // (2 if leaf.ndim else 1) for leaf in jax.tree.leaves(cache))
+    assert model.state_size(T) == per_sequence
+
+
+@pytest.mark.parametrize("layers, num_layers, mixers, match", [
+    ("swa,deltanet", 3, {"swa": {}, "deltanet": {}}, "does not repeat evenly to num_layers = 3"),
+    ("swa,deltanet", 2, {"swa": {"name": "attention"}}, r"layers names \['deltanet'\]"),
+])
+def test_bad_layer_patterns_raise(layers, num_layers, mixers, match):
+    model = build_model(dict(name="lm", vocab_size=VOCAB, d_model=D, num_layers=num_layers,
+                             mixer=None, layers=layers, mixers=mixers))
+    with pytest.raises(ValueError, match=match):
+        model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))

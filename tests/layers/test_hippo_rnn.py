@@ -1,5 +1,5 @@
 """HiPPO-RNN, LSTM and GRU mixers: float64 NumPy references written from the equations,
-split-and-resume, state_size formulas and bad options.
+split-and-resume, cache sizes against their formulas and bad options.
 
 The references below build LegS/LegT from their closed forms and the step matrices with numpy
 solves and scipy's expm; the cells' equations are written out from Flax's parameter names.
@@ -12,6 +12,7 @@ import pytest
 from scipy.linalg import expm
 
 from memjax.layers import build_mixer
+from memjax.layers.cache import cache_bytes
 from memjax.layers.hippo_rnn import memory_update
 
 D = 16
@@ -199,9 +200,7 @@ def test_split_and_resume_equals_whole(options):
     ({"name": "lstm", "hidden": 10}, 2 * 10 * 4), ({"name": "gru", "hidden": 10}, 10 * 4)])
 def test_state_size(options, want):
     layer = build_mixer(D, options)
-    assert layer.state_size(100) == want == layer.state_size(7)
-    cache = layer.init_cache(1, 100)  # the cache holds exactly that many bytes per sequence
-    assert sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(cache)) == want
+    assert cache_bytes(layer, 100) == want == cache_bytes(layer, 7)
 
 
 def test_bad_options_and_inputs():

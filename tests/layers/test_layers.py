@@ -3,7 +3,7 @@
 Everything is tiny (d_model 16, vocab 32, T <= 24) and float32: the cost on CPU is the number of
 distinct compilations. The operator-level numerics are covered in tests/ops; here we check the
 layer wiring: causality, window reach, forms agreeing through the layer, carried state,
-`state_size` formulas, the mixer registry and the LanguageModel's `positions` path.
+cache sizes against their formulas, the mixer registry and the LanguageModel's `positions` path.
 """
 
 import jax
@@ -13,6 +13,7 @@ import pytest
 
 from memjax.layers import MIXERS, ShortConv, build_mixer, mixer_options
 from memjax.layers.attention import Attention
+from memjax.layers.cache import cache_bytes
 from memjax.layers.linear_attention import LinearAttention
 from memjax.models.lm import LanguageModel
 
@@ -152,37 +153,48 @@ def test_linear_attention_two_halves_equal_whole(la_params, impl):
 
 
 # ---------------------------------------------------------------------------------------------
-# state_size (unbound modules: only the fields are read)
+# Cache sizes (unbound modules: shapes only, nothing allocated); counters are int32 (4 bytes)
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "module, seq_len, expected",
     [
-        (Attention(d_model=16), 10, 2 * 16 * 10 * 4),  # 1280: full K/V cache
-        (Attention(d_model=16, num_heads=4), 24, 2 * 16 * 24 * 4),  # 3072, heads don't matter
-        (Attention(d_model=16, window=4), 10, 2 * 16 * 4 * 4),  # 512: window < T
-        (Attention(d_model=16, window=32), 10, 2 * 16 * 10 * 4),  # window > T: min(W, T) = T
+        (Attention(d_model=16), 10, 2 * 16 * 10 * 4 + 4),  # 1280: full K/V cache, + count
+        (Attention(d_model=16, num_heads=4), 24, 2 * 16 * 24 * 4 + 4),  # heads don't matter
+        (Attention(d_model=16, window=4), 10, 2 * 16 * 4 * 4 + 4),  # 512: window < T
+        (Attention(d_model=16, window=32), 10, 2 * 16 * 10 * 4 + 4),  # window > T: min(W, T) = T
         (LinearAttention(d_model=16, num_heads=2), 10, 2 * 8 * 8 * 4),  # 512
         (LinearAttention(d_model=16, num_heads=4), 1000, 4 * 4 * 4 * 4),  # 256, independent of T
         (LinearAttention(d_model=32, num_heads=1), 1, 1 * 32 * 32 * 4),  # 4096
     ],
 )
-def test_mixer_state_size(module, seq_len, expected):
-    assert module.state_size(seq_len) == expected
+def test_mixer_cache_bytes(module, seq_len, expected):
+    assert cache_bytes(module, seq_len) == expected
 
 
 @pytest.mark.parametrize(
     "kwargs, seq_len, expected",
     [
-        # 2 layers * (attention cache 2*16*10*4 = 1280 + conv buffer (4-1)*16*4 = 192)
-        (dict(num_layers=2, mixer={"name": "attention"}), 10, 2 * (1280 + 192)),
-        # 3 layers, window 4, conv 3: 3 * (2*16*4*4 = 512 + 2*16*4 = 128)
-        (dict(num_layers=3, mixer={"name": "attention", "window": 4}, short_conv=3), 20, 3 * (512 + 128)),
+        # model count + 2 layers * (attention cache 2*16*10*4 = 1280 + count + conv (4-1)*16*4 = 192)
+        (dict(num_layers=2, mixer={"name": "attention"}), 10, 4 + 2 * (1280 + 4 + 192)),
+        # 3 layers, window 4, conv 3: 3 * (2*16*4*4 = 512 + count + 2*16*4 = 128)
+        (dict(num_layers=3, mixer={"name": "attention", "window": 4}, short_conv=3), 20,
+         4 + 3 * (512 + 4 + 128)),
         # 2 layers linear attention H=2: 2 * (2*8*8*4 = 512 + 192)
-        (dict(num_layers=2, mixer={"name": "linear_attention", "num_heads": 2}), 50, 2 * (512 + 192)),
+        (dict(num_layers=2, mixer={"name": "linear_attention", "num_heads": 2}), 50, 4 + 2 * (512 + 192)),
         # no short conv: 4 layers * 256
-        (dict(num_layers=4, mixer={"name": "linear_attention", "num_heads": 4}, short_conv=0), 7, 4 * 256),
+        (dict(num_layers=4, mixer={"name": "linear_attention", "num_heads": 4}, short_conv=0), 7,
+         4 + 4 * 256),
+        # DeltaNet convolves its own q, k, v: no block convolution in front of it (192 bytes)...
+        (dict(num_layers=1, mixer={"name": "deltanet"}), 7, 4 + (2 * 8 * 8 + 3 * 3 * 16) * 4),
+        # ... unless stacked on purpose (the ablation).
+        (dict(num_layers=1, mixer={"name": "deltanet"}, stack_short_convs=True), 7,
+         4 + (2 * 8 * 8 + 3 * 3 * 16) * 4 + 192),
+        # A hybrid stack sums its layers: window-4 attention (512 + 4 + conv 192), then DeltaNet.
+        (dict(num_layers=2, mixer=None, layers="swa,deltanet",
+              mixers={"swa": {"name": "attention", "window": 4}, "deltanet": {"name": "deltanet"}}),
+         30, 4 + (512 + 4 + 192) + (2 * 8 * 8 + 3 * 3 * 16) * 4),
     ],
 )
 def test_lm_state_size(kwargs, seq_len, expected):
@@ -289,9 +301,9 @@ def test_lm_unknown_norm_or_pos_emb_raises(kwargs, match):
     # memory plus the previous token
     (dict(name="rwkv7", num_heads=2), (2 * 16 * 16 + 32) * 4),
     # Taylor (de-duplicated) features F = 1 + 4 + 4*5/2 = 15, values 16 + normaliser, plus window KV
-    (dict(name="based", num_heads=2, feature_dim=4, window=8), 2 * 15 * 17 * 4 + 2 * 32 * 8 * 4),
+    (dict(name="based", num_heads=2, feature_dim=4, window=8), 2 * 15 * 17 * 4 + 2 * 32 * 8 * 4 + 4),
 ])
 def test_recurrent_state_sizes(mixer, expected):
     from memjax.layers import build_mixer
 
-    assert build_mixer(32, mixer, parent=None).state_size(100) == expected
+    assert cache_bytes(build_mixer(32, mixer, parent=None), 100) == expected

@@ -12,6 +12,7 @@ import pytest
 
 from memjax.config import mixer_config
 from memjax.layers import MIXERS
+from memjax.layers.cache import cache_bytes
 from memjax.layers.mamba import Mamba
 from memjax.layers.mamba2 import Mamba2
 
@@ -204,10 +205,6 @@ def test_forms_agree_at_layer_level(name, impls):
                                                              atol=1e-4), g, g_ref)
 
 
-def _cache_bytes(cache) -> int:
-    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
-
-
 @pytest.mark.parametrize("name, expected", [
     # Mamba: E = 32, N = 16, conv 4: (E N' + 3 E) * 4 bytes, N' = N or N - 1 when polarized.
     ("mamba", (32 * 16 + 3 * 32) * 4),
@@ -218,8 +215,7 @@ def _cache_bytes(cache) -> int:
 ])
 def test_state_size_formula_matches_cache(name, expected):
     layer = LAYERS[name]()
-    assert layer.state_size(1000) == expected
-    assert _cache_bytes(layer.init_cache(1, 1000)) == expected
+    assert cache_bytes(layer, 1000) == expected
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Tests for the diagonal-SSM mixers (memjax.layers.s4d, memjax.layers.s5).
 
 The operator numerics are covered in tests/ops/test_diagonal_ssm.py; here: forms agree through
-the layer, carried state (prefill pieces and one-token steps) equals one pass, the state_size
-formula and the cache it describes, and the initialisation (eigenvalues, projections of B and C)
+the layer, carried state (prefill pieces and one-token steps) equals one pass, the cache size
+against its formula, and the initialisation (eigenvalues, projections of B and C)
 against HiPPO-LegS built here from its defining equations. Tiny float32 shapes.
 """
 
@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from memjax.layers import build_mixer
-from memjax.layers.heads import FLOAT32_BYTES
+from memjax.layers.cache import cache_bytes
+
+FLOAT32_BYTES = 4
 
 D = 16
 F32_TOL = dict(rtol=2e-5, atol=2e-5)
@@ -94,9 +96,7 @@ def test_split_and_resume_equals_whole(name, options):
 ])
 def test_state_size_formula_matches_cache(name, options, expected):
     layer = build(name, **options)
-    assert layer.state_size(100) == expected
-    cache = layer.init_cache(1, 100)
-    assert sum(a.nbytes for a in jax.tree_util.tree_leaves(cache)) == expected
+    assert cache_bytes(layer, 100) == expected
 
 
 def test_s4d_init_eigenvalues():
@@ -152,4 +152,4 @@ def test_bad_options_raise():
     with pytest.raises(ValueError, match="unknown init"):
         init(build("s4d", state_dim=8, lambda_init="legt"))
     with pytest.raises(ValueError, match="state_dim must be an even int"):
-        build("s5", state_dim=5).state_size(1)
+        cache_bytes(build("s5", state_dim=5), 1)
