@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memjax.layers.heads import FLOAT32_BYTES, head_dim, l2_normalize, merge_heads, run_recurrent, split_heads
+from memjax.layers.heads import head_dim, l2_normalize, merge_heads, run_recurrent, split_heads
 from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 from memjax.ops import generalized_delta_rule, generalized_delta_rule_step
@@ -87,9 +87,3 @@ class RWKV7TimeMix(nn.Module):
         dim = head_dim(self.d_model, self.num_heads)
         return {"state": jnp.zeros((batch_size, self.num_heads, dim, dim), jnp.float32),
                 "shift": jnp.zeros((batch_size, self.d_model), jnp.float32)}
-
-    def state_size(self, seq_len: int) -> int:
-        """Bytes of decoding state: the H x K x K memory plus the previous token."""
-        del seq_len
-        dim = head_dim(self.d_model, self.num_heads)
-        return (self.num_heads * dim * dim + self.d_model) * FLOAT32_BYTES
