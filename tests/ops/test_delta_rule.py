@@ -1,9 +1,9 @@
 """Tests for memjax.ops.delta_rule: forms agree with an independent float64 NumPy oracle.
 
-Tight checks run in float64 (x64 is switched on only inside each test, never globally, since
-tests share worker processes). float32 / bfloat16 inputs are checked against the same oracle
-with stated relative-RMS tolerances. Shapes are tiny and cases few: on CPU the cost is the
-number of distinct compilations, not the arithmetic.
+What is specific to the delta rule: the triangular inverse of the UT transform, gate strengths,
+beta ranges and key norms, several rematerialised groups, the zero gate equal to DeltaNet. The
+generic contract (forms, step, split-and-resume, T = 0/1, dtypes, bad inputs) is
+test_contract.py's. float64 checks run inside the x64 fixture.
 
 beta is drawn from (0, 1) or from (0, 2) (negative transition eigenvalues); keys are
 L2-normalised as the layers do, except in the cases marked "small-keys" (unnormalised keys of
@@ -15,25 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from numpy_reference import delta_rule_np, rel_rms
+from numpy_reference import delta_rule_np
+from specs import gate
 
-from memjax.ops import delta_rule, delta_rule_step, dispatch
+from memjax.ops import delta_rule, dispatch
 from memjax.ops.delta_rule import _unit_lower_inverse
-
 
 B, H, K, V = 2, 2, 4, 8
 
 # Tolerances (float64 runs compare forms that differ only in summation order).
 F64_TOL = dict(rtol=1e-10, atol=1e-10)
 F64_GRAD_TOL = dict(rtol=1e-9, atol=1e-9)
-# Relative RMS error vs the float64 oracle, for low-precision inputs. The oracle sees the inputs
-# after their own rounding, so these measure the operator's error only. Measured here (and at
-# T=1024, K=V=32, C=64): float32 <= 8e-7 for o and state with either form; bfloat16 o ~1.7e-3,
-# dominated by rounding o itself to bfloat16 (2^-9 relative); the state is float32 throughout.
-LOW_PRECISION_TOL = {
-    "float32": dict(o=5e-6, state=5e-6),
-    "bfloat16": dict(o=5e-3, state=5e-6),
-}
 
 
 @pytest.fixture
@@ -44,21 +36,7 @@ def small_groups(monkeypatch):
 
 def make_gate(rng, T, kind):
     """Log-space decays [B, T, H] (g <= 0) of the named strength, or None (DeltaNet)."""
-    if kind == "none":
-        return None
-    if kind == "zero":
-        return np.zeros((B, T, H))
-    if kind == "weak":
-        return -0.01 * rng.uniform(0.5, 1.5, (B, T, H))
-    if kind == "strong":
-        return -30.0 * rng.uniform(0.9, 1.1, (B, T, H))
-    if kind == "mixed":
-        # Per head, typical magnitude swept geometrically from 0.01 to 30, per-token random,
-        # and about a quarter of the gates exactly zero.
-        per_head = np.geomspace(0.01, 30.0, H)
-        g = -rng.uniform(0.0, 2.0, (B, T, H)) * per_head
-        return np.where(rng.random((B, T, H)) < 0.25, 0.0, g)
-    raise ValueError(kind)
+    return gate(rng, (B, T, H), kind)
 
 
 def make_inputs(seed, T, gate="mixed", beta_max=2.0, init=True, keys="unit"):
@@ -82,10 +60,6 @@ def make_inputs(seed, T, gate="mixed", beta_max=2.0, init=True, keys="unit"):
 
 def to_jax(xs, dtype):
     return [None if x is None else jnp.asarray(x, dtype) for x in xs]
-
-
-def to_f64(x):
-    return None if x is None else np.asarray(jnp.asarray(x, jnp.float32), np.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,14 +112,6 @@ def test_forward_matches_numpy_f64(x64, T, chunk_size, gate, beta_max, init, sca
         assert o.shape == (B, T, H, V) and s.shape == (B, H, K, V)
         np.testing.assert_allclose(o, o_ref, **F64_TOL, err_msg=f"o, impl={impl}")
         np.testing.assert_allclose(s, s_ref, **F64_TOL, err_msg=f"state, impl={impl}")
-
-
-def test_auto_is_chunk_f64(x64):
-    q, k, v, beta, g, h0 = to_jax(make_inputs(1, 37, "mixed"), jnp.float64)
-    o_auto, s_auto = delta_rule(q, k, v, beta, g, initial_state=h0, impl="auto", chunk_size=16)
-    o_chunk, s_chunk = delta_rule(q, k, v, beta, g, initial_state=h0, impl="chunk", chunk_size=16)
-    np.testing.assert_array_equal(o_auto, o_chunk)
-    np.testing.assert_array_equal(s_auto, s_chunk)
 
 
 @pytest.mark.parametrize("gate", ["none", "mixed"])
@@ -226,165 +192,3 @@ def test_gradients_chunk_match_reference_f64(x64, T, chunk_size, gate, beta_max,
 
 def test_gradients_several_groups_f64(x64, small_groups):
     _check_gradients(5, 70, 16, "mixed")  # 3 groups of 2 chunks, last chunk all padding
-
-
-def test_reference_gradient_matches_numpy_finite_difference_f64(x64):
-    """Anchor autodiff of the reference form to the NumPy oracle (directional derivative)."""
-    T = 9
-    x = make_inputs(6, T, "mixed", init=True)
-    rng = np.random.default_rng(7)
-    do = rng.normal(size=(B, T, H, V))
-    ds = rng.normal(size=(B, H, K, V))
-    direction = [rng.normal(size=a.shape) for a in x]
-
-    def loss_np(xs):
-        o, s = delta_rule_np(*xs[:5], initial_state=xs[5])
-        return np.sum(o * do) + np.sum(s * ds)
-
-    eps = 1e-6
-    plus = [a + eps * d for a, d in zip(x, direction)]
-    minus = [a - eps * d for a, d in zip(x, direction)]
-    fd = (loss_np(plus) - loss_np(minus)) / (2 * eps)
-
-    loss = _loss("reference", 16, jnp.asarray(do), jnp.asarray(ds))
-    grads = jax.grad(loss, argnums=tuple(range(6)))(*to_jax(x, jnp.float64))
-    ad = sum(np.sum(np.asarray(gr) * d) for gr, d in zip(grads, direction))
-    np.testing.assert_allclose(ad, fd, rtol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
-# State passing: split-and-resume, and the one-token step
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("impl", ["reference", "chunk"])
-def test_split_and_resume_equals_whole_f64(x64, impl):
-    T, chunk_size = 37, 16
-    q, k, v, beta, g, h0 = to_jax(make_inputs(8, T, "mixed", init=True), jnp.float64)
-    o_whole, s_whole = delta_rule(
-        q, k, v, beta, g, initial_state=h0, impl=impl, chunk_size=chunk_size
-    )
-    # Split points: after the first token (a one-token first call), and mid-chunk near the end.
-    for split in (1, 29):
-        first, second = slice(0, split), slice(split, T)
-        o1, s1 = delta_rule(
-            q[:, first], k[:, first], v[:, first], beta[:, first], g[:, first],
-            initial_state=h0, impl=impl, chunk_size=chunk_size,
-        )  # fmt: skip
-        o2, s2 = delta_rule(
-            q[:, second], k[:, second], v[:, second], beta[:, second], g[:, second],
-            initial_state=s1, impl=impl, chunk_size=chunk_size,
-        )  # fmt: skip
-        o = jnp.concatenate([o1, o2], axis=1)
-        np.testing.assert_allclose(o, o_whole, **F64_TOL, err_msg=f"o, split={split}")
-        np.testing.assert_allclose(s2, s_whole, **F64_TOL, err_msg=f"state, split={split}")
-
-
-@pytest.mark.parametrize("gate", ["none", "mixed"])
-def test_step_loop_equals_parallel_f64(x64, gate):
-    T = 7
-    q, k, v, beta, g, h0 = to_jax(make_inputs(9, T, gate, init=True), jnp.float64)
-    o_par, s_par = delta_rule(q, k, v, beta, g, initial_state=h0, impl="chunk", chunk_size=4)
-
-    step = jax.jit(delta_rule_step)
-    state, outs = h0, []
-    for t in range(T):
-        g_t = None if g is None else g[:, t]
-        o_t, state = step(q[:, t], k[:, t], v[:, t], beta[:, t], state, g_t)
-        outs.append(o_t)
-    np.testing.assert_allclose(jnp.stack(outs, axis=1), o_par, **F64_TOL)
-    np.testing.assert_allclose(state, s_par, **F64_TOL)
-
-
-def test_step_dtypes():
-    q, k, v, beta, g, h0 = make_inputs(10, 1, "mixed", init=True)
-    jq, jk, jv = to_jax((q[:, 0], k[:, 0], v[:, 0]), jnp.bfloat16)
-    o, s = delta_rule_step(
-        jq, jk, jv, jnp.asarray(beta[:, 0], jnp.bfloat16), jnp.asarray(h0, jnp.float32),
-        jnp.asarray(g[:, 0], jnp.bfloat16),
-    )  # fmt: skip
-    assert o.dtype == jnp.bfloat16 and o.shape == (B, H, V)
-    assert s.dtype == jnp.float32 and s.shape == (B, H, K, V)
-
-
-# ---------------------------------------------------------------------------------------------
-# Low-precision inputs
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("impl", ["chunk", "reference"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_low_precision_vs_numpy(dtype, impl):
-    T, chunk_size = 70, 32
-    q, k, v, beta, g, h0 = to_jax(make_inputs(11, T, "mixed", init=True), jnp.dtype(dtype))
-    h0 = h0.astype(jnp.float32)  # states are float32 whatever the input dtype
-    o, s = delta_rule(q, k, v, beta, g, initial_state=h0, impl=impl, chunk_size=chunk_size)
-    assert o.dtype == v.dtype
-    assert s.dtype == jnp.float32
-
-    o_ref, s_ref = delta_rule_np(*map(to_f64, (q, k, v, beta, g)), initial_state=to_f64(h0))
-    tol = LOW_PRECISION_TOL[dtype]
-    assert rel_rms(o, o_ref) < tol["o"], f"o rel-RMS {rel_rms(o, o_ref):.2e}"
-    assert rel_rms(s, s_ref) < tol["state"], f"state rel-RMS {rel_rms(s, s_ref):.2e}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Input validation
-# ---------------------------------------------------------------------------------------------
-
-
-def _bad_call(change):
-    """Build a call to delta_rule with one argument broken by `change`."""
-    T = 5
-    z = jnp.zeros
-    kwargs = dict(
-        q=z((B, T, H, K)), k=z((B, T, H, K)), v=z((B, T, H, V)), beta=z((B, T, H)),
-        g=z((B, T, H)), initial_state=z((B, H, K, V)), impl="auto", chunk_size=4,
-    )  # fmt: skip
-    kwargs.update(change)
-    return lambda: delta_rule(**kwargs)
-
-
-BAD_INPUTS = [
-    pytest.param({"q": jnp.zeros((B, 5, H))}, r"q must have rank 4", id="q-rank"),
-    pytest.param({"v": jnp.zeros((5, H, V))}, r"v must have rank 4", id="v-rank"),
-    pytest.param({"k": jnp.zeros((B, 6, H, K))}, r"k must have shape .*got \(2, 6", id="k-T"),
-    pytest.param({"k": jnp.zeros((B, 5, H, K + 1))}, r"k must have shape", id="k-K"),
-    pytest.param({"v": jnp.zeros((B, 6, H, V))}, r"v must have shape .*got \(2, 6", id="v-T"),
-    pytest.param(
-        {"beta": jnp.zeros((B, 5, H, 1))},
-        r"beta must have shape \[B, T, H\] = \(2, 5, 2\), got \(2, 5, 2, 1\)",
-        id="beta-shape",
-    ),
-    pytest.param({"beta": jnp.zeros((B, 4, H))}, r"beta must have shape", id="beta-T"),
-    pytest.param({"g": jnp.zeros((B, 5, H, K))}, r"g must have shape \[B, T, H\]", id="g-shape"),
-    pytest.param({"g": jnp.zeros((B, 4, H))}, r"g must have shape", id="g-T"),
-    pytest.param(
-        {"initial_state": jnp.zeros((B, H, V, K))},
-        r"initial_state must have shape \[B, H, K, V\] = \(2, 2, 4, 8\), got \(2, 2, 8, 4\)",
-        id="state-shape",
-    ),
-    pytest.param({"chunk_size": 0}, r"chunk_size must be a positive int", id="chunk-0"),
-    pytest.param({"chunk_size": -16}, r"chunk_size must be a positive int", id="chunk-neg"),
-    pytest.param({"chunk_size": 16.0}, r"chunk_size must be a positive int", id="chunk-float"),
-    pytest.param({"impl": "pallas"}, r"no kernel is registered for 'delta_rule' on platform", id="impl"),
-]
-
-
-@pytest.mark.parametrize("change, message", BAD_INPUTS)
-def test_bad_inputs_raise(change, message):
-    with pytest.raises(ValueError, match=message):
-        _bad_call(change)()
-
-
-def test_step_bad_inputs_raise():
-    q, k, v = jnp.zeros((B, H, K)), jnp.zeros((B, H, K)), jnp.zeros((B, H, V))
-    beta, state = jnp.zeros((B, H)), jnp.zeros((B, H, K, V))
-    with pytest.raises(ValueError, match=r"q must have rank 3"):
-        delta_rule_step(q[None], k, v, beta, state)
-    with pytest.raises(ValueError, match=r"beta must have shape \[B, H\]"):
-        delta_rule_step(q, k, v, beta[:, :1], state)
-    with pytest.raises(ValueError, match=r"state must have shape"):
-        delta_rule_step(q, k, v, beta, state[..., :-1])
-    with pytest.raises(ValueError, match=r"g must have shape \[B, H\]"):
-        delta_rule_step(q, k, v, beta, state, jnp.zeros((B, 1, H)))

@@ -1,18 +1,19 @@
 """Tests for memjax.ops.generalized_delta_rule (RWKV-7) against an independent float64 oracle.
 
-Tight checks run in float64 (x64 is switched on only inside each test, never globally, since
-tests share worker processes). float32 / bfloat16 inputs are checked against the same oracle
-with stated relative-RMS tolerances. Shapes are tiny and cases few: on CPU the cost is the
-number of distinct compilations, not the arithmetic, so cases reuse (T, chunk_size) pairs.
+What is specific to RWKV-7's rule: gate strengths, learning rates up to 2, the gated delta rule
+as a special case, several blocks and non-power-of-two chunks, very strong gates. The generic
+contract (forms, step, split-and-resume, T = 0/1, dtypes, bad inputs) is test_contract.py's.
+float64 checks run inside the x64 fixture; cases reuse (T, chunk_size) pairs.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from numpy_reference import generalized_delta_rule_np, rel_rms
+from numpy_reference import generalized_delta_rule_np
+from specs import gate
 
-from memjax.ops import generalized_delta_rule, generalized_delta_rule_step
+from memjax.ops import generalized_delta_rule
 
 B, H, K, V = 2, 2, 8, 4
 
@@ -20,34 +21,11 @@ B, H, K, V = 2, 2, 8, 4
 # solve; observed errors are ~1e-14).
 F64_TOL = dict(rtol=1e-9, atol=1e-9)
 F64_GRAD_TOL = dict(rtol=1e-8, atol=1e-8)
-# Relative RMS error vs the float64 oracle, for low-precision inputs. The oracle sees the inputs
-# after their own rounding, so these measure the operator's error only. bfloat16 outputs are
-# dominated by rounding o itself to bfloat16 (2^-9 relative); the state is float32 throughout.
-# Observed (T=70, C=32, mixed gates, lr up to 2): float32 o 4.7e-7 / state 2.8e-7 (chunk);
-# bfloat16 o 1.6e-3 / state 2.4e-7.
-LOW_PRECISION_TOL = {
-    "float32": dict(o=5e-6, state=5e-6),
-    "bfloat16": dict(o=5e-3, state=5e-6),
-}
 
 
 def make_gate(rng, T, kind):
     """Per-channel log-space decays [B, T, H, K] (g <= 0) of the named strength, or None."""
-    shape = (B, T, H, K)
-    if kind == "none":
-        return None
-    if kind == "zero":
-        return np.zeros(shape)
-    if kind == "weak":
-        return -0.01 * rng.uniform(0.5, 1.5, shape)
-    if kind == "strong":
-        return -30.0 * rng.uniform(0.9, 1.1, shape)
-    if kind == "mixed":
-        # Per channel, typical magnitude swept geometrically from 0.01 to 30 (weak and very strong
-        # channels in the same head), per-token random, and about a quarter exactly zero.
-        g = -rng.uniform(0.0, 2.0, shape) * np.geomspace(0.01, 30.0, K)
-        return np.where(rng.random(shape) < 0.25, 0.0, g)
-    raise ValueError(kind)
+    return gate(rng, (B, T, H, K), kind)
 
 
 def make_inputs(seed, T, gate="mixed", init=True, lr_max=1.0):
@@ -70,10 +48,6 @@ def make_inputs(seed, T, gate="mixed", init=True, lr_max=1.0):
 
 def to_jax(xs, dtype):
     return [None if x is None else jnp.asarray(x, dtype) for x in xs]
-
-
-def to_f64(x):
-    return None if x is None else np.asarray(jnp.asarray(x, jnp.float32), np.float64)
 
 
 def run(xs, **kwargs):
@@ -156,75 +130,6 @@ def test_gradients_chunk_match_reference_f64(x64, gate, lr_max):
         np.testing.assert_allclose(d_chunk, d_ref, **F64_GRAD_TOL, err_msg=f"d{name}")
 
 
-def test_reference_gradient_matches_numpy_finite_difference_f64(x64):
-    """Anchor autodiff of the reference form to the NumPy oracle (directional derivative)."""
-    T = 9
-    x = make_inputs(3, T, "mixed", init=True, lr_max=2.0)
-    rng = np.random.default_rng(4)
-    do = rng.normal(size=(B, T, H, V))
-    ds = rng.normal(size=(B, H, K, V))
-    direction = [rng.normal(size=t.shape) for t in x]
-
-    def loss_np(xs):
-        o, s = generalized_delta_rule_np(*xs[:6], initial_state=xs[6])
-        return np.sum(o * do) + np.sum(s * ds)
-
-    eps = 1e-6
-    fd = (
-        loss_np([t + eps * d for t, d in zip(x, direction)])
-        - loss_np([t - eps * d for t, d in zip(x, direction)])
-    ) / (2 * eps)
-    loss = _loss("reference", 16, jnp.asarray(do), jnp.asarray(ds))
-    grads = jax.grad(loss, argnums=tuple(range(7)))(*to_jax(x, jnp.float64))
-    ad = sum(np.sum(np.asarray(gr) * d) for gr, d in zip(grads, direction))
-    np.testing.assert_allclose(ad, fd, rtol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
-# State passing: split-and-resume, and the one-token step
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("impl", ["reference", "chunk"])
-def test_split_and_resume_equals_whole_f64(x64, impl):
-    T, chunk_size = 37, 16
-    xs = to_jax(make_inputs(5, T, "mixed", init=True, lr_max=2.0), jnp.float64)
-    o_whole, s_whole = run(xs, impl=impl, chunk_size=chunk_size)
-    # Split points: on a chunk boundary, and mid-chunk near the end.
-    for split in (16, 29):
-        first = [x[:, :split] for x in xs[:6]] + [xs[6]]
-        o1, s1 = run(first, impl=impl, chunk_size=chunk_size)
-        o2, s2 = run([x[:, split:] for x in xs[:6]] + [s1], impl=impl, chunk_size=chunk_size)
-        o = jnp.concatenate([o1, o2], axis=1)
-        np.testing.assert_allclose(o, o_whole, **F64_TOL, err_msg=f"o, split={split}")
-        np.testing.assert_allclose(s2, s_whole, **F64_TOL, err_msg=f"state, split={split}")
-
-
-@pytest.mark.parametrize("gate", ["none", "mixed"])
-def test_step_loop_equals_parallel_f64(x64, gate):
-    T = 7
-    q, k, v, g, a, b, h0 = to_jax(make_inputs(6, T, gate, init=True, lr_max=2.0), jnp.float64)
-    o_par, s_par = generalized_delta_rule(
-        q, k, v, g, a, b, initial_state=h0, impl="chunk", chunk_size=16
-    )
-    step = jax.jit(generalized_delta_rule_step)
-    state, outs = h0, []
-    for t in range(T):
-        g_t = None if g is None else g[:, t]
-        o_t, state = step(q[:, t], k[:, t], v[:, t], g_t, a[:, t], b[:, t], state)
-        outs.append(o_t)
-    np.testing.assert_allclose(jnp.stack(outs, axis=1), o_par, **F64_TOL)
-    np.testing.assert_allclose(state, s_par, **F64_TOL)
-
-
-def test_step_dtypes():
-    xs = make_inputs(7, 1, "mixed", init=True)
-    q, k, v, g, a, b = to_jax([x[:, 0] for x in xs[:6]], jnp.bfloat16)
-    o, s = generalized_delta_rule_step(q, k, v, g, a, b, jnp.asarray(xs[6], jnp.float32))
-    assert o.dtype == jnp.bfloat16 and o.shape == (B, H, V)
-    assert s.dtype == jnp.float32 and s.shape == (B, H, K, V)
-
-
 # ---------------------------------------------------------------------------------------------
 # Degenerate case: the gated delta rule
 # ---------------------------------------------------------------------------------------------
@@ -270,94 +175,6 @@ def test_gated_delta_rule_special_case_f64(x64):
         o, s = run(xs, impl=impl, chunk_size=chunk_size)
         np.testing.assert_allclose(o, o_ref, **F64_TOL, err_msg=f"o, impl={impl}")
         np.testing.assert_allclose(s, s_ref, **F64_TOL, err_msg=f"state, impl={impl}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Low-precision inputs
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("impl", ["chunk", "reference"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_low_precision_vs_numpy(dtype, impl):
-    T, chunk_size = 70, 32
-    xs = to_jax(make_inputs(8, T, "mixed", init=True, lr_max=2.0), jnp.dtype(dtype))
-    xs[6] = xs[6].astype(jnp.float32)  # states are float32 whatever the input dtype
-    o, s = run(xs, impl=impl, chunk_size=chunk_size)
-    assert o.dtype == xs[2].dtype
-    assert s.dtype == jnp.float32
-
-    ref = [to_f64(x) for x in xs]
-    o_ref, s_ref = generalized_delta_rule_np(*ref[:6], initial_state=ref[6])
-    tol = LOW_PRECISION_TOL[dtype]
-    assert rel_rms(o, o_ref) < tol["o"], f"o rel-RMS {rel_rms(o, o_ref):.2e}"
-    assert rel_rms(s, s_ref) < tol["state"], f"state rel-RMS {rel_rms(s, s_ref):.2e}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Input validation
-# ---------------------------------------------------------------------------------------------
-
-
-def _bad_call(change):
-    """Build a call to generalized_delta_rule with one argument broken by `change`."""
-    T = 5
-    z = jnp.zeros
-    kwargs = dict(
-        q=z((B, T, H, K)), k=z((B, T, H, K)), v=z((B, T, H, V)), g=z((B, T, H, K)),
-        a=z((B, T, H, K)), b=z((B, T, H, K)), initial_state=z((B, H, K, V)), impl="auto",
-        chunk_size=16,
-    )  # fmt: skip
-    kwargs.update(change)
-    return lambda: generalized_delta_rule(**kwargs)
-
-
-BAD_INPUTS = [
-    pytest.param({"q": jnp.zeros((B, 5, H))}, r"q must have rank 4", id="q-rank"),
-    pytest.param({"v": jnp.zeros((5, H, V))}, r"v must have rank 4", id="v-rank"),
-    pytest.param({"k": jnp.zeros((B, 6, H, K))}, r"k must have shape .*got \(2, 6", id="k-T"),
-    pytest.param({"v": jnp.zeros((B, 6, H, V))}, r"v must have shape .*got \(2, 6", id="v-T"),
-    pytest.param(
-        {"g": jnp.zeros((B, 5, H))}, r"g must have rank 4 \[B, T, H, K\]", id="g-per-head"
-    ),
-    pytest.param(
-        {"a": jnp.zeros((B, 5, H, K + 1))},
-        r"a must have shape \[B, T, H, K\] \(same as q\) = \(2, 5, 2, 8\), got \(2, 5, 2, 9\)",
-        id="a-K",
-    ),
-    pytest.param({"b": jnp.zeros((B, 5, H + 1, K))}, r"b must have shape", id="b-H"),
-    pytest.param(
-        {"initial_state": jnp.zeros((B, H, V, K))},
-        r"initial_state must have shape \[B, H, K, V\] = \(2, 2, 8, 4\), got \(2, 2, 4, 8\)",
-        id="state-shape",
-    ),
-    pytest.param({"chunk_size": 0}, r"chunk_size must be a positive int", id="chunk-0"),
-    pytest.param({"chunk_size": 16.0}, r"chunk_size must be a positive int", id="chunk-float"),
-    pytest.param(
-        {"chunk_size": 24}, r"chunk_size must be a positive multiple of 16.*got 24", id="chunk-24"
-    ),
-    pytest.param({"chunk_size": 8}, r"chunk_size must be a positive multiple of 16", id="chunk-8"),
-    pytest.param({"impl": "pallas"}, r"no kernel is registered for 'generalized_delta_rule' on platform", id="impl"),
-]
-
-
-@pytest.mark.parametrize("change, message", BAD_INPUTS)
-def test_bad_inputs_raise(change, message):
-    with pytest.raises(ValueError, match=message):
-        _bad_call(change)()
-
-
-def test_step_bad_inputs_raise():
-    z = jnp.zeros
-    q, v, state = z((B, H, K)), z((B, H, V)), z((B, H, K, V))
-    with pytest.raises(ValueError, match=r"q must have rank 3"):
-        generalized_delta_rule_step(q[None], q, v, q, q, q, state)
-    with pytest.raises(ValueError, match=r"state must have shape"):
-        generalized_delta_rule_step(q, q, v, q, q, q, state[..., :-1])
-    with pytest.raises(ValueError, match=r"g must have rank 3 \[B, H, K\]"):
-        generalized_delta_rule_step(q, q, v, z((B, H)), q, q, state)
-    with pytest.raises(ValueError, match=r"b must have shape \[B, H, K\]"):
-        generalized_delta_rule_step(q, q, v, q, q, z((B, H, K + 1)), state)
 
 
 # ---------------------------------------------------------------------------------------------

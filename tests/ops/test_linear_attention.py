@@ -1,20 +1,20 @@
 """Tests for memjax.ops.linear_attention: forms agree with an independent float64 NumPy oracle.
 
-Tight checks run in float64 (x64 is switched on only inside each test, never globally, since
-tests share worker processes). float32 / bfloat16 inputs are checked against the same oracle
-with stated relative-RMS tolerances. Shapes are tiny and cases few: on CPU the cost is the
-number of distinct compilations, not the arithmetic.
+What is specific to linear attention: gate strengths from none to g ~ -30 per head and per key
+channel, chunk sizes that split blocks and sub-chunks, the normalizer and its epsilon, strong
+decay in float32. The generic contract (forms, step, split-and-resume, T = 0/1, dtypes, bad
+inputs) is test_contract.py's. float64 checks run inside the x64 fixture.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from numpy_reference import linear_attention_np, rel_rms
+from specs import gate
 
-from memjax.ops import linear_attention, linear_attention_step
+from memjax.ops import linear_attention
 from memjax.ops.linear_attention import NORMALIZER_EPS
 
 B, H, K, V = 2, 2, 4, 8
@@ -22,39 +22,13 @@ B, H, K, V = 2, 2, 4, 8
 # Tolerances (float64 runs compare forms that differ only in summation order).
 F64_TOL = dict(rtol=1e-10, atol=1e-10)
 F64_GRAD_TOL = dict(rtol=1e-9, atol=1e-9)
-# Relative RMS error vs the float64 oracle, for low-precision inputs. The oracle sees the inputs
-# after their own rounding, so these measure the operator's error only. bfloat16 outputs are
-# dominated by rounding o itself to bfloat16 (2^-9 relative); the state is float32 throughout.
-LOW_PRECISION_TOL = {
-    "float32": dict(o=1e-5, state=1e-5),
-    "bfloat16": dict(o=2e-2, state=1e-5),
-}
 
 
 def make_gate(rng, T, kind):
-    """Log-space decays (g <= 0) of the named strength, or None.
-
-    Per head ``[B, T, H]`` for the plain kinds; per key channel ``[B, T, H, K]`` for the ``chan-``
-    kinds (the same strengths, drawn independently per channel).
-    """
-    if kind == "none":
-        return None
+    """Log decays per head ``[B, T, H]``, or per key channel ``[B, T, H, K]`` for "chan-" kinds."""
     if kind.startswith("chan-"):
-        base = kind[len("chan-"):]
-        return np.stack([make_gate(rng, T, base) for _ in range(K)], axis=-1)
-    if kind == "zero":
-        return np.zeros((B, T, H))
-    if kind == "weak":
-        return -0.01 * rng.uniform(0.5, 1.5, (B, T, H))
-    if kind == "strong":
-        return -30.0 * rng.uniform(0.9, 1.1, (B, T, H))
-    if kind == "mixed":
-        # Per head, typical magnitude swept geometrically from 0.01 to 30, per-token random,
-        # and about a quarter of the gates exactly zero.
-        per_head = np.geomspace(0.01, 30.0, H)
-        g = -rng.uniform(0.0, 2.0, (B, T, H)) * per_head
-        return np.where(rng.random((B, T, H)) < 0.25, 0.0, g)
-    raise ValueError(kind)
+        return gate(rng, (B, T, H, K), kind[len("chan-"):])
+    return gate(rng, (B, T, H), kind)
 
 
 def make_inputs(seed, T, gate="mixed", init=True, normalize=False):
@@ -229,209 +203,3 @@ def test_strong_decay_finite_float32(gate):
     )
     for name, d in zip("q k v g initial_state".split(), grads):
         assert np.isfinite(d).all(), f"non-finite d{name}"
-
-
-def test_reference_gradient_matches_numpy_finite_difference_f64(x64):
-    """Anchor autodiff of the reference form to the NumPy oracle (directional derivative)."""
-    T = 9
-    q, k, v, g, h0 = make_inputs(3, T, "mixed", init=True)
-    rng = np.random.default_rng(4)
-    do = rng.normal(size=(B, T, H, V))
-    ds = rng.normal(size=(B, H, K, V))
-    x = (q, k, v, g, h0)
-    direction = [rng.normal(size=a.shape) for a in x]
-
-    def loss_np(xs):
-        o, s = linear_attention_np(xs[0], xs[1], xs[2], xs[3], initial_state=xs[4])
-        return np.sum(o * do) + np.sum(s * ds)
-
-    eps = 1e-6
-    plus = [a + eps * d for a, d in zip(x, direction)]
-    minus = [a - eps * d for a, d in zip(x, direction)]
-    fd = (loss_np(plus) - loss_np(minus)) / (2 * eps)
-
-    loss = _loss("reference", 16, jnp.asarray(do), jnp.asarray(ds))
-    grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*to_jax(x, jnp.float64))
-    ad = sum(np.sum(np.asarray(gr) * d) for gr, d in zip(grads, direction))
-    np.testing.assert_allclose(ad, fd, rtol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
-# State passing: split-and-resume, and the one-token step
-# ---------------------------------------------------------------------------------------------
-
-
-SPLIT_CASES = [
-    # (impl, gate, normalize)
-    pytest.param("reference", "mixed", False, id="reference-mixed"),
-    pytest.param("chunk", "mixed", False, id="chunk-mixed"),
-    pytest.param("reference", "chan-mixed", True, id="reference-chan-mixed-norm"),
-    pytest.param("chunk", "chan-mixed", True, id="chunk-chan-mixed-norm"),
-    pytest.param("chunk", "none", True, id="chunk-none-norm"),
-]
-
-
-@pytest.mark.parametrize("impl, gate, normalize", SPLIT_CASES)
-def test_split_and_resume_equals_whole_f64(x64, impl, gate, normalize):
-    """The returned state (with the normalizer: its z column too) resumes the sequence exactly."""
-    T, chunk_size = 37, 16
-    q, k, v, g, h0 = to_jax(make_inputs(5, T, gate, True, normalize), jnp.float64)
-    run = functools.partial(linear_attention, normalize=normalize, impl=impl, chunk_size=chunk_size)
-    o_whole, s_whole = run(q, k, v, g, initial_state=h0)
-    # Split points: after the first token, on a chunk boundary, mid-chunk, before the last token
-    # (pairs with the same two piece lengths, so that each case compiles few shapes).
-    for split in (1, 16, 21, 36):
-        first, second = slice(0, split), slice(split, T)
-        part = lambda x, sl: None if x is None else x[:, sl]  # noqa: E731
-        o1, s1 = run(q[:, first], k[:, first], v[:, first], part(g, first), initial_state=h0)
-        o2, s2 = run(q[:, second], k[:, second], v[:, second], part(g, second), initial_state=s1)
-        o = jnp.concatenate([o1, o2], axis=1)
-        np.testing.assert_allclose(o, o_whole, **F64_TOL, err_msg=f"o, split={split}")
-        np.testing.assert_allclose(s2, s_whole, **F64_TOL, err_msg=f"state, split={split}")
-
-
-STEP_CASES = [
-    # (gate, normalize)
-    pytest.param("none", False, id="none"),
-    pytest.param("mixed", False, id="mixed"),
-    pytest.param("chan-mixed", False, id="chan-mixed"),
-    pytest.param("none", True, id="none-norm"),
-    pytest.param("chan-strong", True, id="chan-strong-norm"),
-]
-
-
-@pytest.mark.parametrize("gate, normalize", STEP_CASES)
-def test_step_loop_equals_parallel_f64(x64, gate, normalize):
-    T = 7
-    q, k, v, g, h0 = to_jax(make_inputs(6, T, gate, True, normalize), jnp.float64)
-    o_par, s_par = linear_attention(
-        q, k, v, g, initial_state=h0, normalize=normalize, impl="chunk", chunk_size=4
-    )
-
-    step = jax.jit(functools.partial(linear_attention_step, normalize=normalize))
-    state, outs = h0, []
-    for t in range(T):
-        o_t, state = step(q[:, t], k[:, t], v[:, t], state, None if g is None else g[:, t])
-        outs.append(o_t)
-    np.testing.assert_allclose(jnp.stack(outs, axis=1), o_par, **F64_TOL)
-    np.testing.assert_allclose(state, s_par, **F64_TOL)
-
-
-def test_step_dtypes():
-    q, k, v, g, h0 = make_inputs(7, 1, "mixed", init=True)
-    jq, jk, jv = to_jax((q[:, 0], k[:, 0], v[:, 0]), jnp.bfloat16)
-    o, s = linear_attention_step(jq, jk, jv, jnp.asarray(h0, jnp.float32), jnp.asarray(g[:, 0]))
-    assert o.dtype == jnp.bfloat16 and o.shape == (B, H, V)
-    assert s.dtype == jnp.float32 and s.shape == (B, H, K, V)
-    h0_norm = jnp.zeros((B, H, K, V + 1), jnp.float32)
-    o, s = linear_attention_step(jq, jk, jv, h0_norm, normalize=True)
-    assert o.dtype == jnp.bfloat16 and o.shape == (B, H, V)
-    assert s.dtype == jnp.float32 and s.shape == (B, H, K, V + 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Low-precision inputs
-# ---------------------------------------------------------------------------------------------
-
-LOW_PRECISION_CASES = [
-    # (impl, dtype, gate, normalize)
-    *(
-        pytest.param(impl, dtype, "mixed", False, id=f"{impl}-{dtype}-mixed")
-        for impl in ("chunk", "reference")
-        for dtype in ("float32", "bfloat16")
-    ),
-    pytest.param("chunk", "float32", "chan-mixed", False, id="chunk-float32-chan-mixed"),
-    pytest.param("chunk", "bfloat16", "chan-mixed", True, id="chunk-bfloat16-chan-mixed-norm"),
-    pytest.param("chunk", "float32", "mixed", True, id="chunk-float32-mixed-norm"),
-]
-
-
-@pytest.mark.parametrize("impl, dtype, gate, normalize", LOW_PRECISION_CASES)
-def test_low_precision_vs_numpy(impl, dtype, gate, normalize):
-    T, chunk_size = 70, 32
-    q, k, v, g, h0 = to_jax(make_inputs(8, T, gate, True, normalize), jnp.dtype(dtype))
-    h0 = h0.astype(jnp.float32)  # states are float32 whatever the input dtype
-    o, s = linear_attention(
-        q, k, v, g, initial_state=h0, normalize=normalize, impl=impl, chunk_size=chunk_size
-    )
-    assert o.dtype == v.dtype
-    assert s.dtype == jnp.float32
-
-    o_ref, s_ref = linear_attention_np(
-        *map(to_f64, (q, k, v, g)), initial_state=to_f64(h0), normalize=normalize
-    )
-    tol = LOW_PRECISION_TOL[dtype]
-    assert rel_rms(o, o_ref) < tol["o"], f"o rel-RMS {rel_rms(o, o_ref):.2e}"
-    assert rel_rms(s, s_ref) < tol["state"], f"state rel-RMS {rel_rms(s, s_ref):.2e}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Input validation
-# ---------------------------------------------------------------------------------------------
-
-
-def _bad_call(change):
-    """Build a call to linear_attention with one argument broken by `change`."""
-    T = 5
-    z = jnp.zeros
-    kwargs = dict(
-        q=z((B, T, H, K)), k=z((B, T, H, K)), v=z((B, T, H, V)), g=z((B, T, H)),
-        initial_state=z((B, H, K, V)), impl="auto", chunk_size=4,
-    )  # fmt: skip
-    kwargs.update(change)
-    return lambda: linear_attention(**kwargs)
-
-
-BAD_INPUTS = [
-    pytest.param({"q": jnp.zeros((B, 5, H))}, r"q must have rank 4", id="q-rank"),
-    pytest.param({"v": jnp.zeros((5, H, V))}, r"v must have rank 4", id="v-rank"),
-    pytest.param({"k": jnp.zeros((B, 6, H, K))}, r"k must have shape .*got \(2, 6", id="k-T"),
-    pytest.param({"k": jnp.zeros((B, 5, H, K + 1))}, r"k must have shape", id="k-K"),
-    pytest.param({"v": jnp.zeros((B, 6, H, V))}, r"v must have shape .*got \(2, 6", id="v-T"),
-    pytest.param(
-        {"g": jnp.zeros((B, 5, H, K + 1))},
-        r"g must have shape \[B, T, H\] = \(2, 5, 2\) \(per head\) or \[B, T, H, K\] = "
-        r"\(2, 5, 2, 4\) \(per key channel\), got \(2, 5, 2, 5\)",
-        id="g-shape",
-    ),
-    pytest.param({"g": jnp.zeros((B, 5))}, r"g must have shape", id="g-rank"),
-    pytest.param({"g": jnp.zeros((B, 4, H))}, r"g must have shape", id="g-T"),
-    pytest.param(
-        {"initial_state": jnp.zeros((B, H, V, K))},
-        r"initial_state must have shape \[B, H, K, V\] = \(2, 2, 4, 8\), got \(2, 2, 8, 4\)",
-        id="state-shape",
-    ),
-    pytest.param(
-        {"normalize": True},
-        r"initial_state must have shape \[B, H, K, V \+ 1\].*= \(2, 2, 4, 9\), got \(2, 2, 4, 8\)",
-        id="state-shape-normalize",
-    ),
-    pytest.param(
-        {"initial_state": jnp.zeros((B, H, K, V + 1))},
-        r"initial_state must have shape \[B, H, K, V\] = \(2, 2, 4, 8\), got \(2, 2, 4, 9\)",
-        id="state-shape-with-z-but-no-normalize",
-    ),
-    pytest.param({"chunk_size": 0}, r"chunk_size must be a positive int", id="chunk-0"),
-    pytest.param({"chunk_size": -16}, r"chunk_size must be a positive int", id="chunk-neg"),
-    pytest.param({"chunk_size": 16.0}, r"chunk_size must be a positive int", id="chunk-float"),
-    pytest.param({"impl": "pallas"}, r"no kernel is registered for 'linear_attention' on platform", id="impl"),
-]
-
-
-@pytest.mark.parametrize("change, message", BAD_INPUTS)
-def test_bad_inputs_raise(change, message):
-    with pytest.raises(ValueError, match=message):
-        _bad_call(change)()
-
-
-def test_step_bad_inputs_raise():
-    q, k, v = jnp.zeros((B, H, K)), jnp.zeros((B, H, K)), jnp.zeros((B, H, V))
-    state = jnp.zeros((B, H, K, V))
-    with pytest.raises(ValueError, match=r"q must have rank 3"):
-        linear_attention_step(q[None], k, v, state)
-    with pytest.raises(ValueError, match=r"state must have shape"):
-        linear_attention_step(q, k, v, state[..., :-1])
-    with pytest.raises(ValueError, match=r"g must have shape \[B, H\].*or \[B, H, K\]"):
-        linear_attention_step(q, k, v, state, jnp.zeros((B, 1, H)))
-    with pytest.raises(ValueError, match=r"state must have shape \[B, H, K, V \+ 1\]"):
-        linear_attention_step(q, k, v, state, normalize=True)
