@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
+from memjax.config_validation import validate_config
 from memjax.config import to_dict
 from memjax.models import build_model
 from memjax.tasks.registry import TASKS
@@ -215,6 +216,7 @@ def train(config, workdir, hooks=()) -> dict:
     workdir = Path(workdir).absolute()
     cfg = config.train
     # Everything that can reject the config happens before anything is written.
+    validate_config(config)
     task = TASKS.get(config.task.name)(config.task, config.seed)
     model = build_model(to_dict(config.model))
     optimizer = build_optimizer(cfg)
