@@ -6,7 +6,7 @@ setup(
     name="memjax",
     version="0.1.0",
     description="JAX research code for recurrent and state-space memory architectures.",
-    python_requires=">=3.12",  # why: ../shared/DESIGN.md, Versions (jax 0.10 deadlocks on CPU).
+    python_requires=">=3.12",  # why: docs/design.md, Tests and versions (jax 0.10 deadlocked).
     packages=find_packages(include=["memjax", "memjax.*", "kernels", "kernels.*"]),
     # Data files inside packages: the digit images of memjax.tasks.digits (UCI, CC BY 4.0).
     package_data={"memjax.tasks": ["assets/*.npz"]},

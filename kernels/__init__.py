@@ -11,7 +11,8 @@ A kernel is registered for one operator of ``memjax.ops`` and one platform (``"c
 ``memjax.ops.<op>(..., impl="pallas")`` then calls it with the operator's own arguments (the
 public signature without ``impl``, after validation, with ``scale`` resolved to its default) and
 returns what it returns. ``impl="auto"`` only picks a kernel where the auto table in
-``memjax/ops/dispatch.py`` says so, after a benchmark on that hardware (see DESIGN.md, Kernels).
+``memjax/ops/dispatch.py`` says so, after a benchmark on that hardware
+(see docs/design.md, Kernel slot).
 
 This package never imports memjax layers; ``memjax.ops.dispatch`` imports it.
 """

@@ -21,6 +21,6 @@ if command -v pyenv >/dev/null 2>&1; then
     fi
   done
 fi
-echo "memjax needs Python >= 3.12 (see DESIGN.md, Versions): none found as python3.13/python3.12" \
+echo "memjax needs Python >= 3.12 (see docs/design.md, Tests and versions): none found as python3.13/python3.12" \
      "on PATH nor under \`pyenv root\`. Install one (e.g. \`pyenv install 3.12\`) and retry." >&2
 exit 1

@@ -1,4 +1,4 @@
-"""Memory operators: pure functions on arrays, one module per family (see DESIGN.md)."""
+"""Memory operators: pure functions on arrays, one module per family (see docs/design.md)."""
 
 from memjax.ops.delta_rule import delta_rule, delta_rule_step
 from memjax.ops.diagonal_ssm import s4d, s4d_step, s5, s5_step

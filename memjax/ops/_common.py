@@ -1,6 +1,6 @@
 """Plumbing shared by the operator modules: validation, dtypes, time padding and blocking.
 
-Layout conventions (DESIGN.md): sequences are ``[B, T, ...]`` (time on axis 1), states carry no
+Conventions (docs/design.md): sequences are ``[B, T, ...]`` (time on axis 1), states carry no
 time axis. Arithmetic happens in ``acc_dtype(inputs)``: the inputs' common dtype promoted to at
 least float32 (complex64 for the complex diagonal SSMs).
 """

@@ -1,4 +1,4 @@
-"""The operator contract (DESIGN.md) as generic tests over operator specifications.
+"""The operator contract (docs/design.md) as generic tests over operator specifications.
 
 An ``OpSpec`` says how to call one operator, how to make its inputs, its float64 oracle (from
 numpy_reference.py), its forms, its step function and its bad inputs. ``test_contract.py``
