@@ -73,7 +73,7 @@ def build_evaluators(evals, task, model, batch_size: int, sharding) -> Callable[
         kind = options.pop("type")
         try:
             runs.append(EVALUATORS.get(kind)(name, options, context))
-        except (KeyError, TypeError) as error:
+        except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"evals.{name} (type {kind!r}): {error}") from None
 
     def evaluate(params) -> dict:
@@ -128,6 +128,7 @@ def accuracies(context: EvalContext, params, datasets, prefix: str, metrics: dic
 def accuracy(name, options, context):
     """`<name>/<slice>/accuracy` and pooled `<name>/accuracy` on the task's test slices."""
     _no_options(options)
+    _needs_loss(context, "cross_entropy")
     return lambda params: accuracies(context, params, context.task.test, name,
                                      {"labels": "accuracy"})
 
@@ -162,6 +163,7 @@ def mse(name, options, context):
     go to result.json only; metrics.jsonl and TensorBoard get the scalars).
     """
     _no_options(options)
+    _needs_loss(context, "mse")
     step = context.eval_step("mse")
 
     def evaluate(params):
@@ -182,6 +184,11 @@ def mse(name, options, context):
         return results
 
     return evaluate
+
+
+def _needs_loss(context: EvalContext, loss: str):
+    if context.task.loss != loss:
+        raise ValueError(f"needs a task with loss {loss}; this task's loss is {context.task.loss}")
 
 
 def _no_options(options: dict):

@@ -1,17 +1,23 @@
-"""Trainer: exact resume, completion, preemption save, bad inputs, data parallelism."""
+"""Trainer: exact resume, completion, preemption save, bad inputs, data parallelism, aux losses."""
 
 import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 
 import jax
 import numpy as np
 import pytest
 
+import flax.linen as nn
+import jax.numpy as jnp
+
 from memjax.config import load_config
-from memjax.train.checkpoint import CheckpointError
+from memjax.layers import MIXERS, initializers
+from memjax.train.checkpoint import CheckpointError, Checkpointer
 from memjax.train.metrics import read_metrics
 from memjax.train.trainer import Preempted, TrainingDiverged, train
 
@@ -81,19 +87,58 @@ def test_crash_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
     assert_same_run(workdir_a, tmp_path, result_a, result_b)
 
 
-@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
-                    reason="signal handlers can only be installed from the main thread")
-def test_sigterm_saves_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
-    workdir_a, result_a = uninterrupted
+main_thread_only = pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(),
+    reason="signal handlers can only be installed from the main thread")
 
-    def send_sigterm(step, state):
-        if step == 12:
+
+@pytest.fixture
+def sentinel_handler():
+    """A SIGTERM handler of the caller's: the trainer must put it back when it returns."""
+    def handler(signum, frame):
+        raise AssertionError("the trainer's handler should have caught this signal")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    yield handler
+    signal.signal(signal.SIGTERM, previous)
+
+
+def sigterm_at(step_to_signal):
+    def hook(step, state):
+        if step == step_to_signal:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return hook
+
+
+@main_thread_only
+@pytest.mark.parametrize("at", [12, 14])  # 14: a checkpoint step (checkpoint_every = 7)
+def test_sigterm_saves_once_then_resume_equals_uninterrupted(uninterrupted, tmp_path, at,
+                                                             sentinel_handler):
+    workdir_a, result_a = uninterrupted
+    with pytest.raises(Preempted, match=f"SIGTERM at step {at}: saved checkpoint"):
+        train(smoke_config(), tmp_path, hooks=[sigterm_at(at)])
+    assert str(at) in os.listdir(tmp_path / "checkpoints")
+    assert signal.getsignal(signal.SIGTERM) is sentinel_handler
+    result_b = train(smoke_config(), tmp_path)
+    assert_same_run(workdir_a, tmp_path, result_a, result_b)
+
+
+@main_thread_only
+def test_sigterm_during_a_checkpoint_save_is_clean(uninterrupted, tmp_path, monkeypatch,
+                                                   sentinel_handler):
+    workdir_a, result_a = uninterrupted
+    save = Checkpointer.save
+
+    def save_then_signal(self, step, state, extras):
+        save(self, step, state, extras)
+        if step == 7:  # lands while step 7 (a checkpoint step) is being saved
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(Preempted, match="SIGTERM at step 12"):
-        train(smoke_config(), tmp_path, hooks=[send_sigterm])
-    assert "12" in os.listdir(tmp_path / "checkpoints")
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    monkeypatch.setattr(Checkpointer, "save", save_then_signal)
+    with pytest.raises(Preempted, match="SIGTERM at step 7"):
+        train(smoke_config(), tmp_path)
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is sentinel_handler
     result_b = train(smoke_config(), tmp_path)
     assert_same_run(workdir_a, tmp_path, result_a, result_b)
 
@@ -141,14 +186,51 @@ def test_incompatible_checkpoint_is_rejected_and_kept(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def corrupt(checkpoint_dir):
+    """Overwrites the array files of one checkpoint (its metadata stays readable)."""
+    for f in (checkpoint_dir / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f):
+            f.write_bytes(b"garbage")
+
+
 def test_corrupt_checkpoint_is_reported(tmp_path):
     with pytest.raises(Crash):
         train(smoke_config(), tmp_path, hooks=[crash_at(8)])
-    for f in (tmp_path / "checkpoints" / "7" / "state").rglob("*"):
-        if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f):
-            f.write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="checkpoints/7"):
+    corrupt(tmp_path / "checkpoints" / "7")
+    with pytest.raises(CheckpointError, match="checkpoints/7.*\n.*No older checkpoint is readable"):
         train(smoke_config(), tmp_path)
+
+
+def test_corrupt_latest_checkpoint_names_the_previous_one_then_falls_back(uninterrupted, tmp_path):
+    workdir_a, result_a = uninterrupted
+    with pytest.raises(Crash):
+        train(smoke_config(), tmp_path, hooks=[crash_at(15)])  # checkpoints 7 and 14
+    corrupt(tmp_path / "checkpoints" / "14")
+    before = snapshot(tmp_path)
+    with pytest.raises(CheckpointError, match=(
+            r"checkpoints/14 .*\n.*newest readable checkpoint is \S+/checkpoints/7 \(step 7\)"
+            r".*--config.train.restore_fallback=True")):
+        train(smoke_config(), tmp_path)
+    assert snapshot(tmp_path) == before
+    result_b = train(smoke_config(**{"train.restore_fallback": True}), tmp_path)
+    assert (tmp_path / "unreadable_checkpoints" / "14").is_dir()
+    assert_same_run(workdir_a, tmp_path, result_a, result_b)
+
+
+@pytest.mark.xfail(strict=True, reason="still open (issue 13, item 6): Orbax's 'Event loop is "
+                   "closed' tracebacks follow the message when the process exits")
+def test_corrupt_checkpoint_exits_with_the_message_only(tmp_path):
+    """scripts/train.py: exit code 2 and the message, no tracebacks (Orbax's event loop)."""
+    with pytest.raises(Crash):
+        train(smoke_config(), tmp_path, hooks=[crash_at(15)])
+    corrupt(tmp_path / "checkpoints" / "14")
+    overrides = [f"--config.{k}={v}" for k, v in SMOKE.items()]
+    run = subprocess.run([sys.executable, "scripts/train.py", "--config=configs/mqar.py:smoke",
+                          f"--workdir={tmp_path}", *overrides],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert "newest readable checkpoint" in run.stderr
+    assert "Traceback" not in run.stderr and "Event loop is closed" not in run.stderr, run.stderr
 
 
 def test_non_finite_loss_stops_without_saving(tmp_path):
@@ -201,3 +283,64 @@ def test_data_parallel_on_8_devices_matches_one_device(tmp_path):
 def test_batch_not_divisible_by_devices(tmp_path):
     with pytest.raises(ValueError, match=r"task.batch_size = 16 is not divisible by the 3 devices"):
         train(smoke_config(**{"mesh.data": 3}), tmp_path / "run")
+
+
+class SowsPenalty(nn.Module):
+    """A test mixer: a Dense map whose output's mean square is sown as the loss `penalty`."""
+
+    d_model: int
+    scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x, cache=None):
+        y = initializers.dense(self.d_model, "proj")(x) * self.scale
+        self.sow("losses", "penalty", jnp.mean(jnp.square(y)))
+        self.sow("metrics", "rms", jnp.sqrt(jnp.mean(jnp.square(y))))
+        return y if cache is None else (y, cache)
+
+    def init_cache(self, batch_size, max_len):
+        return {}
+
+    def state_size(self, seq_len):
+        return 0
+
+
+@pytest.fixture
+def sowing_mixer():
+    MIXERS.register("test_sows_penalty")(SowsPenalty)
+    yield "test_sows_penalty"
+    MIXERS._entries.pop("test_sows_penalty")  # keep other tests' view of the registry intact
+
+
+def test_sown_loss_changes_training_and_is_logged(sowing_mixer, tmp_path, capsys):
+    def run(weight, name):
+        config = load_config(f"configs/mqar.py:smoke,model={sowing_mixer}",
+                             SMOKE | {"train.steps": 10, "train.aux_loss_weights": f"penalty={weight}",
+                                      "train.progress_bar": True})
+        train(config, tmp_path / name)
+        return read_metrics(tmp_path / name)
+
+    weighted, ignored = run(10.0, "weighted"), run(0.0, "ignored")
+    logged = [r for r in weighted if "train/loss" in r]
+    assert [r["step"] for r in logged] == [5, 10]
+    aux = {k for k in logged[0] if k.startswith("train/aux/")}
+    assert {k.rsplit("/", 1)[-1] for k in aux} == {"penalty", "rms"} and len(aux) == 4  # 2 layers
+    assert all(r[k] > 0 for r in logged for k in aux)
+    # The penalty pulls the mixers' outputs down only when it is weighted.
+    penalty = [k for k in aux if k.endswith("penalty")][0]
+    assert logged[-1][penalty] < [r for r in ignored if penalty in r][-1][penalty]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 4 and all(line.startswith(("step 5/10 loss", "step 10/10 loss"))
+                                   for line in lines)  # one line per log step, no bar
+
+
+def test_evals_from_config_replace_the_task_defaults(tmp_path):
+    config = smoke_config(**{"train.steps": 10})
+    with config.unlocked():
+        config.evals = {"held_out": {"type": "accuracy"}}
+    result = train(config, tmp_path)
+    assert "held_out/accuracy" in result and "held_out/T16_K2/accuracy" in result
+    assert not any(k.startswith(("test/", "probe/")) for k in result)
+    config.evals = {"held_out": {"type": "mse"}}
+    with pytest.raises(ValueError, match=r"evals.held_out \(type 'mse'\): .*loss mse"):
+        train(config, tmp_path / "bad")
