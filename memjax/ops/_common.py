@@ -110,6 +110,20 @@ def scan_over_time(step, state, xs, *, remat: bool = False):
     return jnp.moveaxis(y, 0, 1), final
 
 
+def selective_token_scan(step, x, dt, A, Bm, Cm, Dskip, h0):
+    """The reference form of the selective SSMs (selective_scan, ssd), which share one argument
+    layout: ``y_t, h = step(x_t, dt_t, A, Bm_t, Cm_t, Dskip, h)`` along time."""
+    body = lambda h, x_t, dt_t, B_t, C_t: step(x_t, dt_t, A, B_t, C_t, Dskip, h)  # noqa: E731
+    return scan_over_time(body, h0, (x, dt, Bm, Cm))
+
+
+def step_in_acc(step, args, state, out_dtype):
+    """``step(*args, state)`` with args and state cast to the args' accumulation dtype; the output
+    cast to ``out_dtype``, the new state left in the accumulation dtype."""
+    y, state = step(*cast(acc_dtype(*args), *args, state))
+    return y.astype(out_dtype), state
+
+
 def pad_time(x, T_pad: int, value=0):
     """Pad axis 1 (time) of ``x`` with ``value`` up to ``T_pad``.
 

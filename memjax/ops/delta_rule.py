@@ -48,20 +48,9 @@ import jax
 import jax.numpy as jnp
 
 from memjax.ops import dispatch
-from memjax.ops._common import (
-    acc_dtype,
-    balanced_blocks,
-    cast,
-    check_chunk_size,
-    check_qkv,
-    check_shape,
-    default_scale,
-    empty_sequence,
-    from_blocks,
-    scan_over_time,
-    state_or_zeros,
-    to_blocks,
-)
+from memjax.ops._common import acc_dtype, balanced_blocks, cast, check_chunk_size, check_qkv
+from memjax.ops._common import check_shape, default_scale, empty_sequence, from_blocks
+from memjax.ops._common import scan_over_time, state_or_zeros, to_blocks
 from memjax.ops.linear_attention import _intra_chunk_decay
 
 __all__ = ["delta_rule", "delta_rule_step"]

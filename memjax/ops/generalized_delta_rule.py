@@ -65,23 +65,9 @@ import jax
 import jax.numpy as jnp
 
 from memjax.ops import dispatch
-from memjax.ops._common import (
-    acc_dtype,
-    balanced_blocks,
-    cast,
-    check_chunk_size,
-    check_qkv,
-    check_rank,
-    check_shape,
-    default_scale,
-    empty_sequence,
-    from_blocks,
-    from_heads,
-    scan_over_time,
-    state_or_zeros,
-    to_blocks,
-    to_heads,
-)
+from memjax.ops._common import acc_dtype, balanced_blocks, cast, check_chunk_size, check_qkv
+from memjax.ops._common import check_rank, check_shape, default_scale, empty_sequence, from_blocks
+from memjax.ops._common import from_heads, scan_over_time, state_or_zeros, to_blocks, to_heads
 from memjax.ops.delta_rule import _unit_lower_inverse
 
 __all__ = ["generalized_delta_rule", "generalized_delta_rule_step"]

@@ -58,22 +58,9 @@ import jax
 import jax.numpy as jnp
 
 from memjax.ops import dispatch
-from memjax.ops._common import (
-    acc_dtype,
-    balanced_blocks,
-    cast,
-    check_chunk_size,
-    check_qkv,
-    check_shape,
-    default_scale,
-    empty_sequence,
-    from_blocks,
-    from_heads,
-    scan_over_time,
-    state_or_zeros,
-    to_blocks,
-    to_heads,
-)
+from memjax.ops._common import acc_dtype, balanced_blocks, cast, check_chunk_size, check_qkv
+from memjax.ops._common import check_shape, default_scale, empty_sequence, from_blocks, from_heads
+from memjax.ops._common import scan_over_time, state_or_zeros, to_blocks, to_heads
 
 __all__ = ["linear_attention", "linear_attention_step", "NORMALIZER_EPS"]
 

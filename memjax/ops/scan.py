@@ -38,14 +38,8 @@ import jax
 import jax.numpy as jnp
 
 from memjax.ops import dispatch
-from memjax.ops._common import (
-    acc_dtype,
-    check_chunk_size,
-    from_blocks,
-    scan_over_time,
-    state_or_zeros,
-    to_blocks,
-)
+from memjax.ops._common import acc_dtype, check_chunk_size, from_blocks, scan_over_time
+from memjax.ops._common import state_or_zeros, to_blocks
 
 __all__ = ["linear_scan"]
 

@@ -44,16 +44,8 @@ import jax
 import jax.numpy as jnp
 
 from memjax.ops import dispatch
-from memjax.ops._common import (
-    acc_dtype,
-    cast,
-    check_chunk_size,
-    check_rank,
-    check_shape,
-    empty_sequence,
-    scan_over_time,
-    state_or_zeros,
-)
+from memjax.ops._common import acc_dtype, cast, check_chunk_size, check_rank, check_shape
+from memjax.ops._common import empty_sequence, selective_token_scan, state_or_zeros, step_in_acc
 from memjax.ops.linear_attention import linear_attention
 from memjax.ops.scan import linear_scan
 
@@ -108,19 +100,12 @@ def selective_scan_step(x, dt, A, Bm, Cm, state, Dskip=None):
       (float64 for float64 inputs).
     """
     _validate(x, dt, A, Bm, Cm, Dskip, state, step=True)
-    acc = acc_dtype(x, dt, A, Bm, Cm, Dskip)
-    y, h = _step(*cast(acc, x, dt, A, Bm, Cm, Dskip, state))
-    return y.astype(x.dtype), h
+    return step_in_acc(_step, (x, dt, A, Bm, Cm, Dskip), state, x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # Sequence forms; inputs already cast to the accumulation dtype, h0 never None
 # ---------------------------------------------------------------------------------------------
-
-
-def _reference_form(x, dt, A, Bm, Cm, Dskip, h0):
-    step = lambda h, x_t, dt_t, B_t, C_t: _step(x_t, dt_t, A, B_t, C_t, Dskip, h)  # noqa: E731
-    return scan_over_time(step, h0, (x, dt, Bm, Cm))
 
 
 def _scan_form(x, dt, A, Bm, Cm, Dskip, h0):
@@ -154,10 +139,12 @@ def _selective_scan(x, dt, A, Bm, Cm, Dskip, initial_state, *, form, chunk_size)
     acc = acc_dtype(x, dt, A, Bm, Cm, Dskip)
     h0 = state_or_zeros(initial_state, (x.shape[0], x.shape[2], A.shape[1]), acc)
     args = cast(acc, x, dt, A, Bm, Cm, Dskip)
-    if form == "chunk":
-        y, final = _chunk_form(*args, h0, min(chunk_size, x.shape[1]))
+    if form == "reference":
+        y, final = selective_token_scan(_step, *args, h0)
+    elif form == "scan":
+        y, final = _scan_form(*args, h0)
     else:
-        y, final = (_reference_form if form == "reference" else _scan_form)(*args, h0)
+        y, final = _chunk_form(*args, h0, min(chunk_size, x.shape[1]))
     return y.astype(x.dtype), final
 
 

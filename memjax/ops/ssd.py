@@ -36,16 +36,8 @@ import jax
 import jax.numpy as jnp
 
 from memjax.ops import dispatch
-from memjax.ops._common import (
-    acc_dtype,
-    cast,
-    check_chunk_size,
-    check_rank,
-    check_shape,
-    empty_sequence,
-    scan_over_time,
-    state_or_zeros,
-)
+from memjax.ops._common import acc_dtype, cast, check_chunk_size, check_rank, check_shape
+from memjax.ops._common import empty_sequence, selective_token_scan, state_or_zeros, step_in_acc
 from memjax.ops.linear_attention import linear_attention
 
 __all__ = ["ssd", "ssd_step"]
@@ -91,14 +83,7 @@ def ssd_step(x, dt, A, Bm, Cm, state, Dskip=None):
       (float64 for float64 inputs).
     """
     _validate(x, dt, A, Bm, Cm, Dskip, state, step=True)
-    acc = acc_dtype(x, dt, A, Bm, Cm, Dskip)
-    y, S = _step(*cast(acc, x, dt, A, Bm, Cm, Dskip, state))
-    return y.astype(x.dtype), S
-
-
-def _reference_form(x, dt, A, Bm, Cm, Dskip, S0):
-    step = lambda S, x_t, dt_t, B_t, C_t: _step(x_t, dt_t, A, B_t, C_t, Dskip, S)  # noqa: E731
-    return scan_over_time(step, S0, (x, dt, Bm, Cm))
+    return step_in_acc(_step, (x, dt, A, Bm, Cm, Dskip), state, x.dtype)
 
 
 def _chunk_form(x, dt, A, Bm, Cm, Dskip, S0, chunk_size):
@@ -125,7 +110,7 @@ def _ssd(x, dt, A, Bm, Cm, Dskip, initial_state, *, form, chunk_size):
     S0 = state_or_zeros(initial_state, (Bsz, H, Bm.shape[-1], P), acc)
     args = cast(acc, x, dt, A, Bm, Cm, Dskip)
     if form == "reference":
-        y, final = _reference_form(*args, S0)
+        y, final = selective_token_scan(_step, *args, S0)
     else:
         y, final = _chunk_form(*args, S0, min(chunk_size, T))
     return y.astype(x.dtype), final
@@ -144,9 +129,8 @@ def ssd(x, dt, A, Bm, Cm, Dskip=None, *, initial_state=None, impl="auto", chunk_
       impl: ``"reference"``, ``"chunk"``, ``"pallas"`` or ``"auto"`` (``memjax.ops.dispatch``).
       chunk_size: chunk length of the chunk form (any positive int; T need not be a multiple).
 
-    Returns:
-      ``(y, final_state)``: y ``[B, T, H, P]`` in x's dtype; final_state ``[B, H, N, P]`` in
-      float32 (float64 when the inputs are float64).
+    Returns ``(y, final_state)``: y ``[B, T, H, P]`` in x's dtype and final_state ``[B, H, N, P]``
+    in float32 (float64 for float64 inputs); for T = 0 an empty y and the initial state.
     """
     form = dispatch.resolve("ssd", impl)
     chunk_size = check_chunk_size(chunk_size)

@@ -157,12 +157,24 @@ def _loss(spec, impl, fixed, wy, ws):
     return loss
 
 
-def _gradients(spec, impl, args, h0, wy, ws):
+def gradients(spec, impl, args, h0, wy, ws, **options):
+    """Gradients of ``_loss`` w.r.t. every input present (and the initial state), by name."""
     diff = {n: a for n, a in args.items() if a is not None}
     absent = {n: None for n, a in args.items() if a is None}
     if h0 is not None:
         diff["initial_state"] = h0
-    return jax.jit(jax.grad(_loss(spec, impl, absent, wy, ws)))(diff)
+    return jax.jit(jax.grad(_loss(spec, impl, {**absent, **options}, wy, ws)))(diff)
+
+
+def assert_gradients_match_reference(spec, form, args, h0, tol, **options):
+    """Every gradient of ``form`` is finite and within ``tol`` (absolute and relative) of the
+    reference form's, for random cotangents on y and the final state."""
+    wy, ws = _cotangents(spec, *oracle(spec, args, h0))
+    got = gradients(spec, form, args, h0, wy, ws, **options)
+    want = gradients(spec, "reference", args, h0, wy, ws, **options)
+    for name in want:
+        assert np.isfinite(np.asarray(got[name])).all(), f"non-finite d{name} ({form})"
+        assert_close(got[name], np.asarray(want[name]), tol, f"{spec.id} d{name} ({form})")
 
 
 def _other_forms(spec):
@@ -200,19 +212,14 @@ def test_empty_sequence_returns_initial_state(spec, form):
 
 def test_gradients_match_reference_f64(x64, spec, form):
     args, h0 = inputs(spec, 3, spec.T)
-    wy, ws = _cotangents(spec, *oracle(spec, args, h0))
-    got = _gradients(spec, form, args, h0, wy, ws)
-    want = _gradients(spec, "reference", args, h0, wy, ws)
-    for name in want:
-        assert np.isfinite(np.asarray(got[name])).all(), f"non-finite d{name} ({form})"
-        assert_close(got[name], np.asarray(want[name]), spec.f64_grad_tol, f"{spec.id} d{name}")
+    assert_gradients_match_reference(spec, form, args, h0, spec.f64_grad_tol)
 
 
 def test_gradients_match_reference_f32(spec, form):
     args, h0 = inputs(spec, 3, spec.T, jnp.float32)
     wy, ws = _cotangents(spec, *oracle(spec, args, h0))
-    got = _gradients(spec, form, args, h0, wy, ws)
-    want = _gradients(spec, "reference", args, h0, wy, ws)
+    got = gradients(spec, form, args, h0, wy, ws)
+    want = gradients(spec, "reference", args, h0, wy, ws)
     for name in want:
         err = rel_rms(got[name], want[name])
         assert err < spec.f32_grad_tol, f"{spec.id} d{name} ({form}): rel-RMS {err:.2e}"
@@ -223,7 +230,7 @@ def test_reference_gradient_matches_oracle_finite_difference_f64(x64, spec):
     T = 5
     args, h0 = inputs(spec, 4, T)
     wy, ws = _cotangents(spec, *oracle(spec, args, h0))
-    grads = _gradients(spec, "reference", args, h0, wy, ws)
+    grads = gradients(spec, "reference", args, h0, wy, ws)
     point = {n: to_f64(a) for n, a in {**args, "initial_state": h0}.items() if n in grads}
     rng = np.random.default_rng(5)
     direction = {n: random_like(rng, a) for n, a in point.items()}

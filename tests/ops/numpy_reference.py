@@ -54,6 +54,13 @@ def linear_attention_np(
     return o, S
 
 
+def _start(q, v, scale, initial_state):
+    """(scale, S_0) for q [B, T, H, K], v [B, T, H, V]: K ** -0.5 and zeros by default."""
+    B, _, H, K = q.shape
+    S = np.zeros((B, H, K, v.shape[-1])) if initial_state is None else np.array(initial_state)
+    return (K**-0.5 if scale is None else float(scale)), S.astype(np.float64)
+
+
 def delta_rule_np(q, k, v, beta, g=None, scale=None, initial_state=None):
     """The (gated) delta rule, token by token, in float64.
 
@@ -66,15 +73,10 @@ def delta_rule_np(q, k, v, beta, g=None, scale=None, initial_state=None):
     """
     q, k, v, beta = (np.asarray(x, dtype=np.float64) for x in (q, k, v, beta))
     B, T, H, K = q.shape
-    V = v.shape[-1]
-    scale = K**-0.5 if scale is None else float(scale)
-    if initial_state is None:
-        S = np.zeros((B, H, K, V))
-    else:
-        S = np.array(initial_state, dtype=np.float64)
+    scale, S = _start(q, v, scale, initial_state)
     alpha = np.ones((B, T, H)) if g is None else np.exp(np.asarray(g, dtype=np.float64))
 
-    o = np.zeros((B, T, H, V))
+    o = np.zeros(v.shape)
     eye = np.eye(K)
     for t in range(T):
         for b in range(B):
@@ -98,15 +100,10 @@ def generalized_delta_rule_np(q, k, v, g, a, b, scale=None, initial_state=None):
     """
     q, k, v, a, b = (np.asarray(x, dtype=np.float64) for x in (q, k, v, a, b))
     B, T, H, K = q.shape
-    V = v.shape[-1]
-    scale = K**-0.5 if scale is None else float(scale)
-    if initial_state is None:
-        S = np.zeros((B, H, K, V))
-    else:
-        S = np.array(initial_state, dtype=np.float64)
+    scale, S = _start(q, v, scale, initial_state)
     w = np.ones((B, T, H, K)) if g is None else np.exp(np.asarray(g, dtype=np.float64))
 
-    o = np.zeros((B, T, H, V))
+    o = np.zeros(v.shape)
     for t in range(T):
         for n in range(B):
             for h in range(H):

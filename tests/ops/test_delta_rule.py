@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from contract import assert_gradients_match_reference
 from numpy_reference import delta_rule_np
-from specs import gate
+from specs import DELTA_RULE, gate
 
 from memjax.ops import delta_rule, dispatch
 from memjax.ops.delta_rule import _unit_lower_inverse
@@ -25,7 +26,6 @@ B, H, K, V = 2, 2, 4, 8
 
 # Tolerances (float64 runs compare forms that differ only in summation order).
 F64_TOL = dict(rtol=1e-10, atol=1e-10)
-F64_GRAD_TOL = dict(rtol=1e-9, atol=1e-9)
 
 
 @pytest.fixture
@@ -143,35 +143,10 @@ def test_zero_gate_equals_deltanet_f64(x64, impl):
 # ---------------------------------------------------------------------------------------------
 
 
-def _loss(impl, chunk_size, do, ds):
-    """sum(o * do) + sum(S_T * dS): a random cotangent on both outputs."""
-
-    def loss(q, k, v, beta, g, h0):
-        o, s = delta_rule(q, k, v, beta, g, initial_state=h0, impl=impl, chunk_size=chunk_size)
-        return jnp.sum(o * do) + jnp.sum(s * ds)
-
-    return loss
-
-
-NAMES = ["q", "k", "v", "beta", "g", "initial_state"]
-
-
 def _check_gradients(seed, T, chunk_size, gate, beta_max=2.0, keys="unit"):
-    q, k, v, beta, g, h0 = make_inputs(seed, T, gate, beta_max, init=True, keys=keys)
-    rng = np.random.default_rng(seed + 100)
-    do = jnp.asarray(rng.normal(size=(B, T, H, V)))
-    ds = jnp.asarray(rng.normal(size=(B, H, K, V)))
-    args = to_jax((q, k, v, beta, g, h0), jnp.float64)
-    argnums = (0, 1, 2, 3, 5) if g is None else (0, 1, 2, 3, 4, 5)
-
-    grads = {
-        impl: jax.jit(jax.grad(_loss(impl, chunk_size, do, ds), argnums=argnums))(*args)
-        for impl in ("reference", "chunk")
-    }
-    for i, d_ref, d_chunk in zip(argnums, grads["reference"], grads["chunk"]):
-        assert np.isfinite(d_chunk).all(), f"non-finite d{NAMES[i]} (chunk)"
-        assert np.isfinite(d_ref).all(), f"non-finite d{NAMES[i]} (reference)"
-        np.testing.assert_allclose(d_chunk, d_ref, **F64_GRAD_TOL, err_msg=f"d{NAMES[i]}")
+    q, k, v, beta, g, h0 = to_jax(make_inputs(seed, T, gate, beta_max, True, keys), jnp.float64)
+    args = dict(q=q, k=k, v=v, beta=beta, g=g)
+    assert_gradients_match_reference(DELTA_RULE, "chunk", args, h0, 1e-9, chunk_size=chunk_size)
 
 
 GRADIENT_CASES = [

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from contract import assert_gradients_match_reference
 from numpy_reference import generalized_delta_rule_np
-from specs import gate
+from specs import GENERALIZED_DELTA_RULE, gate
 
 from memjax.ops import generalized_delta_rule
 
@@ -115,19 +116,10 @@ def _loss(impl, chunk_size, do, ds):
 )
 def test_gradients_chunk_match_reference_f64(x64, gate, lr_max):
     T, chunk_size = 37, 32
-    xs = to_jax(make_inputs(1, T, gate, init=True, lr_max=lr_max), jnp.float64)
-    rng = np.random.default_rng(2)
-    do = jnp.asarray(rng.normal(size=(B, T, H, V)))
-    ds = jnp.asarray(rng.normal(size=(B, H, K, V)))
-    argnums = tuple(range(7))
-    grads = {
-        impl: jax.jit(jax.grad(_loss(impl, chunk_size, do, ds), argnums=argnums))(*xs)
-        for impl in ("reference", "chunk")
-    }
-    for name, d_ref, d_chunk in zip(GRAD_NAMES, grads["reference"], grads["chunk"]):
-        assert np.isfinite(d_chunk).all(), f"non-finite d{name} (chunk)"
-        assert np.isfinite(d_ref).all(), f"non-finite d{name} (reference)"
-        np.testing.assert_allclose(d_chunk, d_ref, **F64_GRAD_TOL, err_msg=f"d{name}")
+    q, k, v, g, a, b, h0 = to_jax(make_inputs(1, T, gate, init=True, lr_max=lr_max), jnp.float64)
+    args = dict(q=q, k=k, v=v, g=g, a=a, b=b)
+    assert_gradients_match_reference(GENERALIZED_DELTA_RULE, "chunk", args, h0, 1e-8,
+                                     chunk_size=chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------
