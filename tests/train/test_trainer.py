@@ -234,7 +234,8 @@ def test_corrupt_checkpoint_exits_with_the_message_only(tmp_path):
 
 
 def test_non_finite_loss_stops_without_saving(tmp_path):
-    config = smoke_config(**{"train.lr": 1e30, "train.grad_clip": 0.0, "train.checkpoint_every": 1})
+    config = smoke_config(**{"train.lr": 1000.0, "train.grad_clip": 0.0,  # the largest valid lr
+                             "train.checkpoint_every": 1})
     with pytest.raises(TrainingDiverged, match=r"non-finite loss \(\S+\) at step (\d+)") as info:
         train(config, tmp_path)
     bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
@@ -289,11 +290,10 @@ class SowsPenalty(nn.Module):
     """A test mixer: a Dense map whose output's mean square is sown as the loss `penalty`."""
 
     d_model: int
-    scale: float = 1.0
 
     @nn.compact
     def __call__(self, x, cache=None):
-        y = initializers.dense(self.d_model, "proj")(x) * self.scale
+        y = initializers.dense(self.d_model, "proj")(x)
         self.sow("losses", "penalty", jnp.mean(jnp.square(y)))
         self.sow("metrics", "rms", jnp.sqrt(jnp.mean(jnp.square(y))))
         return y if cache is None else (y, cache)
