@@ -39,7 +39,32 @@ def parse_flags(argv):
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as error:  # ml_collections' unknown-key override errors
         message = " ".join(str(error).replace("\\n", " ").replace("\\'", "'").split()).strip("'\"")
-        sys.exit(f"error: bad --config override: {message}")
+        sys.exit(f"error: bad --config override: {unknown_field(argv) or message}")
+
+
+def unknown_field(argv) -> str | None:
+    """`config.a has no field 'b' (its fields: ...)` for the first override naming a missing
+    field, found by loading the config without overrides; None if none is found."""
+    from memjax.config import load_config
+
+    args = list(argv)
+    spec = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    if spec is None and "--config" in args[:-1]:
+        spec = args[args.index("--config") + 1]
+    try:
+        config = load_config(spec) if spec else None
+    except Exception:  # the config file itself is broken: absl's message says why
+        return None
+    for arg in args:
+        if config is None or not arg.startswith("--config.") or "=" not in arg:
+            continue
+        node, where = config, "config"
+        for key in arg[len("--config."):].split("=", 1)[0].split("."):
+            if not hasattr(node, "keys") or key not in node:
+                fields = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
+                return f"{where} has no field {key!r} (its fields: {fields}), in {arg}"
+            node, where = node[key], f"{where}.{key}"
+    return None
 
 
 def main(argv):
