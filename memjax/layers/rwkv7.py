@@ -73,7 +73,10 @@ class RWKV7TimeMix(nn.Module):
             None if cache is None else cache["state"],
             {"impl": self.impl, "chunk_size": self.chunk_size, "scale": 1.0},
             q=r, k=k, v=v, g=log_w.astype(jnp.float32), a=-(lr * kappa), b=kappa)
-        o = nn.GroupNorm(num_groups=heads, epsilon=64e-5, name="head_norm")(merge_heads(o))
+        # Statistics per token and head (RWKV-7's GroupNorm sees [B*T, C]); Flax's default would
+        # also reduce over T, letting later tokens change earlier outputs.
+        o = nn.GroupNorm(num_groups=heads, epsilon=64e-5, reduction_axes=-1,
+                         name="head_norm")(merge_heads(o))
         r_k = self.param("r_k", nn.initializers.normal(0.1), (heads, d // heads))
         bonus = jnp.sum(r * k * r_k, axis=-1, keepdims=True) * v
         gate = LowRank(d, self.low_rank, "sigmoid", name="g_lora")(x_g)
