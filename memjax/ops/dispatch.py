@@ -113,6 +113,8 @@ def resolve(op: str, impl: str, on: str | None = None) -> str:
     """
     forms = _forms(op)
     on = on or platform()
+    if on not in AUTO:
+        raise ValueError(f"no dispatch table for platform {on!r}; platforms: {tuple(AUTO)}")
     if impl == "auto":
         return AUTO[on][op].form
     if impl == "pallas":

@@ -146,24 +146,31 @@ def _cotangents(spec, y, s, seed=1):
     return random_like(rng, y), (random_like(rng, s) if spec.stateful else None)
 
 
-def _loss(spec, impl, fixed, wy, ws):
-    """sum(y wy) + Re sum(state ws) as a function of the differentiable inputs."""
+_GRAD_FNS: dict = {}
 
-    def loss(diff):
-        y, s = call(spec, {**fixed, **diff}, diff.get("initial_state"), impl)
-        out = jnp.sum(y * wy.astype(y.dtype))
-        return out if ws is None else out + jnp.sum(jnp.real(s * ws.astype(s.dtype)))
 
-    return loss
+def _grad_fn(spec, impl, fixed):
+    """jit(grad) of sum(y wy) + Re sum(state ws) w.r.t. the differentiable inputs, one per
+    (spec, impl, fixed arguments), so that tests with the same shapes share its compilation."""
+    key = (spec.id, impl, tuple(sorted(fixed.items())))
+    if key not in _GRAD_FNS:
+
+        def loss(diff, wy, ws):
+            y, s = call(spec, {**fixed, **diff}, diff.get("initial_state"), impl)
+            out = jnp.sum(y * wy.astype(y.dtype))
+            return out if ws is None else out + jnp.sum(jnp.real(s * ws.astype(s.dtype)))
+
+        _GRAD_FNS[key] = jax.jit(jax.grad(loss))
+    return _GRAD_FNS[key]
 
 
 def gradients(spec, impl, args, h0, wy, ws, **options):
-    """Gradients of ``_loss`` w.r.t. every input present (and the initial state), by name."""
+    """Gradients of the loss above w.r.t. every input present (and the initial state), by name."""
     diff = {n: a for n, a in args.items() if a is not None}
     absent = {n: None for n, a in args.items() if a is None}
     if h0 is not None:
         diff["initial_state"] = h0
-    return jax.jit(jax.grad(_loss(spec, impl, {**absent, **options}, wy, ws)))(diff)
+    return _grad_fn(spec, impl, {**absent, **options})(diff, wy, ws)
 
 
 def assert_gradients_match_reference(spec, form, args, h0, tol, **options):

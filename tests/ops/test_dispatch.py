@@ -54,6 +54,8 @@ def test_resolve_validates_names_and_platforms():
     with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'reference', 'scan', "
                                          r"'conv', 'pallas'\), got 'associative'"):
         dispatch.resolve("s4d", "associative")
+    with pytest.raises(ValueError, match="no dispatch table for platform 'metal'"):
+        dispatch.resolve("ssd", "auto", "metal")
     with pytest.raises(ValueError, match="unknown operator 'nope'"):
         dispatch.resolve("nope", "auto")
     with pytest.raises(ValueError, match="platform must be one of"):
