@@ -92,7 +92,7 @@ def attention_np(p, x, *, num_heads, window):
     `o_t = sum_{s in [t - W + 1, t]} softmax_s(q_t . k_s / sqrt(w)) v_s`, then `W_out`.
     """
     q, k, v = fused_qkv(p["qkv"], x, num_heads)
-    B, T, H, w = q.shape
+    B, T, _, w = q.shape
     o = np.zeros_like(q)
     for t in range(T):
         start = max(0, t - window + 1) if window else 0

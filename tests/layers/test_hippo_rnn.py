@@ -1,15 +1,23 @@
 """HiPPO-RNN, LSTM and GRU mixers: float64 NumPy references written from the equations,
 split-and-resume, cache sizes against their formulas and bad options.
 
-The references below build LegS/LegT from their closed forms and the step matrices with numpy
-solves and scipy's expm; the cells' equations are written out from Flax's parameter names.
+The references (tests/layers/numpy_mixers.py, shared with test_mixer_oracles.py) build LegS/LegT
+from their closed forms and the step matrices with numpy solves and scipy's expm; the cells'
+equations are written out from Flax's parameter names. Here the layers run their float32 path.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy.linalg import expm
+from numpy_mixers import (
+    dense,
+    gru_cell_np,
+    hippo_rnn_np,
+    lstm_cell_np,
+    memory_np,
+    to_np,
+)
 
 from memjax.layers import build_mixer
 from memjax.layers.cache import cache_bytes
@@ -17,81 +25,6 @@ from memjax.layers.hippo_rnn import memory_update
 
 D = 16
 TOL32 = dict(rtol=1e-4, atol=1e-4)
-
-
-# ------------------------------------------------------------------------------ numpy references
-
-def legs_np(n):
-    q = np.sqrt(2 * np.arange(n) + 1.0)
-    return np.tril(np.outer(q, q), -1) + np.diag(np.arange(n) + 1.0), q
-
-
-def legt_np(n, theta):
-    q = np.sqrt(2 * np.arange(n) + 1.0)
-    i, j = np.indices((n, n))
-    return np.outer(q, q) * np.where(j <= i, 1.0, (-1.0) ** (i - j)) / theta, q / theta
-
-
-def step_np(A, B, h, method):
-    """(Ad, Bd) for dc/dtau = -A c + B f over a step h, f held constant."""
-    eye = np.eye(len(B))
-    if method == "forward_euler":
-        return eye - h * A, h * B
-    if method == "backward_euler":
-        inv = np.linalg.inv(eye + h * A)
-        return inv, inv @ (h * B)
-    if method == "bilinear":
-        inv = np.linalg.inv(eye + h / 2 * A)
-        return inv @ (eye - h / 2 * A), inv @ (h * B)
-    E = expm(-h * A)
-    return E, np.linalg.solve(A, (eye - E) @ B)
-
-
-def memory_np(c, f, k, n, measure, method, legs_step, theta):
-    """c [B, M, N], f [B, M], position k -> new c."""
-    if measure == "legt":
-        Ad, Bd = step_np(*legt_np(n, theta), 1.0, method)
-    elif legs_step == "log" and k == 0:
-        Ad, Bd = np.zeros((n, n)), np.eye(n)[0]  # the history is the one sample: c = e_0 f
-    else:
-        h = 1 / (k + 1) if legs_step == "paper" else np.log(1 + 1 / k)
-        Ad, Bd = step_np(*legs_np(n), h, method)
-    return c @ Ad.T + f[..., None] * Bd
-
-
-def sigmoid(z):
-    return 1 / (1 + np.exp(-z))
-
-
-def dense(p, x):
-    return x @ np.asarray(p["kernel"], np.float64) + (np.asarray(p["bias"], np.float64) if "bias" in p else 0)
-
-
-def gru_np(p, h, x):
-    """Flax GRUCell: r, z = sigmoid(W_i x + b + W_h h); n = tanh(W_in x + b + r (W_hn h + b_hn))."""
-    r = sigmoid(dense(p["ir"], x) + dense(p["hr"], h))
-    z = sigmoid(dense(p["iz"], x) + dense(p["hz"], h))
-    n = np.tanh(dense(p["in"], x) + r * dense(p["hn"], h))
-    return (1 - z) * n + z * h
-
-
-def lstm_np(p, c, h, x):
-    """Flax OptimizedLSTMCell: gates W_i x + W_h h + b; c' = f c + i g; h' = o tanh(c')."""
-    gate = {g: dense(p["i" + g], x) + dense(p["h" + g], h) for g in "ifgo"}
-    c = sigmoid(gate["f"]) * c + sigmoid(gate["i"]) * np.tanh(gate["g"])
-    return c, sigmoid(gate["o"]) * np.tanh(c)
-
-
-def hippo_rnn_np(params, x, n, channels, hidden, **memory):
-    B, T, _ = x.shape
-    h, c, ys = np.zeros((B, hidden)), np.zeros((B, channels, n)), []
-    cell = params["cell"]
-    for t in range(T):
-        h = gru_np(cell["gru"], h, np.concatenate([x[:, t], c.reshape(B, -1)], axis=-1))
-        f = dense(cell["memory_in"], h)
-        c = memory_np(c, f, t, n, **memory)
-        ys.append(dense(params["out"], np.concatenate([h, c.reshape(B, -1)], axis=-1)))
-    return np.stack(ys, axis=1)
 
 
 def randn(seed, *shape):
@@ -102,10 +35,6 @@ def init(layer, T=9, seed=0):
     x = jnp.asarray(randn(seed, 2, T, D), jnp.float32)
     params = layer.init(jax.random.key(seed), x)["params"]
     return params, x
-
-
-def to_np(tree):
-    return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
 
 
 # --------------------------------------------------------------------------------- memory update
@@ -152,9 +81,8 @@ def test_memory_update_gradient_matches_finite_differences(x64, method):
 def test_hippo_rnn_matches_numpy(options):
     layer = build_mixer(D, {"name": "hippo_rnn", "hidden": 8, "order": 5, "memory_channels": 2, **options})
     params, x = init(layer)
-    want = hippo_rnn_np(to_np(params), np.asarray(x, np.float64), 5, 2, 8,
-                        theta=options.get("theta", 64.0),
-                        **{k: v for k, v in options.items() if k != "theta"})
+    want = hippo_rnn_np(to_np(params), np.asarray(x, np.float64), hidden=8, order=5,
+                        memory_channels=2, **options)
     np.testing.assert_allclose(np.asarray(layer.apply({"params": params}, x)), want, **TOL32)
 
 
@@ -166,9 +94,9 @@ def test_lstm_and_gru_match_numpy():
         h, c, ys = np.zeros((2, 8)), np.zeros((2, 8)), []
         for t in range(x.shape[1]):
             if name == "lstm":
-                c, h = lstm_np(p["cell"], c, h, xs[:, t])
+                c, h = lstm_cell_np(p["cell"], c, h, xs[:, t])
             else:
-                h = gru_np(p["cell"], h, xs[:, t])
+                h = gru_cell_np(p["cell"], h, xs[:, t])
             ys.append(dense(p["out"], h))
         np.testing.assert_allclose(np.asarray(layer.apply({"params": params}, x)), np.stack(ys, 1), **TOL32)
 

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numpy_mixers import ORACLES, to_np
 
 from memjax.layers import MIXERS, build_mixer
-from numpy_mixers import ORACLES, to_np
 
 D, T, BATCH = 16, 12, 2
 
@@ -181,10 +181,10 @@ def directional_errors(case, grads, directions=3, eps=1e-4):
     for _ in range(directions):
         dp = jax.tree_util.tree_map(lambda a: rng.normal(size=a.shape), case.params)
         dx = rng.normal(size=case.x.shape)
-        analytic = sum(float(np.sum(g * d)) for g, d in
+        analytic = sum(float(np.sum(g * u)) for g, u in
                        zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves((dp, dx))))
 
-        def at(step):
+        def at(step, dp=dp, dx=dx):
             shifted = jax.tree_util.tree_map(lambda a, d: a + step * d, case.params, dp)
             return case.oracle_loss(shifted, case.x + step * dx)
 
