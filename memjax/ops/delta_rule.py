@@ -50,8 +50,8 @@ import jax.numpy as jnp
 from memjax.ops import dispatch
 from memjax.ops._common import acc_dtype, balanced_blocks, cast, check_chunk_size, check_qkv
 from memjax.ops._common import check_shape, default_scale, empty_sequence, from_blocks
-from memjax.ops._common import scan_over_time, state_or_zeros, to_blocks
-from memjax.ops.linear_attention import _intra_chunk_decay
+from memjax.ops._common import intra_chunk_decay, scan_over_time, state_or_zeros, to_blocks
+from memjax.ops._common import unit_lower_inverse
 
 __all__ = ["delta_rule", "delta_rule_step"]
 
@@ -136,59 +136,6 @@ def _reference_form(q, k, v, beta, g, initial_state, scale):
 # ---------------------------------------------------------------------------------------------
 
 
-def _small_matmul(x, y):
-    """x @ y over the last two axes as a broadcast multiply-sum (for tiny blocks, where a
-    batched dot would spend its time on per-matrix overhead)."""
-    return jnp.sum(x[..., :, :, None] * y[..., None, :, :], axis=-2)
-
-
-def _unit_lower_inverse(a, small_block: int = 8):
-    """(I + a)^-1 for strictly lower-triangular ``a`` ``[..., C, C]``, by recursive doubling.
-
-    The inverse of a unit lower-triangular 2 x 2 block matrix is
-    ``[[L11, 0], [L21, L22]]^-1 = [[T11, 0], [-T22 L21 T11, T22]]`` with ``Tii = Lii^-1``.
-    Starting from 1 x 1 diagonal blocks (all ones) each level merges neighbouring pairs of
-    diagonal blocks, batched over all pairs, so the whole inverse is log2(C) levels of batched
-    matmuls (about C^3 / 3 multiply-adds) with a plain matmul backward; no LAPACK call (whose
-    batched CPU triangular solve was 3x slower forward and 10x slower forward + backward here).
-    This is the standard recursive triangular inversion: every block it forms is a block of the
-    final inverse. (For the delta rule that inverse stays bounded: T_ij, i > j, is -beta_i k_i^T
-    (product of the transitions in between) k_j beta_j-like, and with unit keys and beta in
-    [0, 2] every transition is a contraction.) C is zero-padded to a power of two (the padded
-    part of the inverse is the identity and is sliced off).
-    """
-    C = a.shape[-1]
-    P = 1 << (C - 1).bit_length()  # next power of two >= C
-    batch = a.shape[:-2]
-    if P != C:
-        a = jnp.pad(a, [(0, 0)] * len(batch) + [(0, P - C), (0, P - C)])
-
-    # Lower-left blocks to merge at each level, read top-down from the diagonal blocks of a.
-    lower_left = {}
-    diag_blocks = a[..., None, :, :]  # [..., P / size, size, size]
-    size = P
-    while size > 1:
-        h = size // 2
-        lower_left[h] = diag_blocks[..., h:, :h]
-        halves = (diag_blocks[..., :h, :h], diag_blocks[..., h:, h:])
-        diag_blocks = jnp.stack(halves, axis=-3).reshape(*batch, -1, h, h)
-        size = h
-
-    # Bottom-up: inv holds the inverted diagonal blocks of the current size s.
-    inv = jnp.ones((*batch, P, 1, 1), a.dtype)
-    s = 1
-    while s < P:
-        pairs = inv.reshape(*batch, -1, 2, s, s)
-        t11, t22 = pairs[..., 0, :, :], pairs[..., 1, :, :]
-        mm = _small_matmul if s <= small_block else jnp.matmul
-        t21 = -mm(mm(t22, lower_left[s]), t11)
-        top = jnp.concatenate([t11, jnp.zeros_like(t11)], axis=-1)
-        bottom = jnp.concatenate([t21, t22], axis=-1)
-        inv = jnp.concatenate([top, bottom], axis=-2)
-        s *= 2
-    return inv[..., 0, :C, :C]
-
-
 @jax.custom_vjp
 def _ut_transform(a, r):
     """X = (I + a)^-1 r for strictly lower-triangular ``a`` ``[..., C, C]``, r ``[..., C, M]``.
@@ -197,11 +144,11 @@ def _ut_transform(a, r):
     level of the recursive inverse): with T = (I + a)^-1, ``dr = T^T dX`` and
     ``da = -strictly_lower(dr X^T)``.
     """
-    return _unit_lower_inverse(a) @ r
+    return unit_lower_inverse(a) @ r
 
 
 def _ut_transform_fwd(a, r):
-    t = _unit_lower_inverse(a)
+    t = unit_lower_inverse(a)
     x = t @ r
     return x, (t, x)
 
@@ -305,7 +252,7 @@ def _chunk_group(state, xs, *, group_size: int, scale):
     else:
         b = jnp.cumsum(gc, axis=-1)  # chunk-local cumulative log decay, [G, B, H, C]
         b_last = b[..., -1]  # [G, B, H]
-        decay = _intra_chunk_decay(b)  # exp(b_i - b_j) for i >= j, else 0; exponents <= 0
+        decay = intra_chunk_decay(b)  # exp(b_i - b_j) for i >= j, else 0; exponents <= 0
         a = jnp.where(strictly_lower, betac[..., :, None] * kk * decay, 0.0)
         w_rhs = (betac * jnp.exp(b))[..., None] * kc
         # b_C - b_i <= 0: never overflows (unlike exp(b_C) * exp(-b_i)).

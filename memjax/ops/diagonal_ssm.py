@@ -29,8 +29,8 @@ the state is ``[B, H, N]`` complex. Forms (``impl``):
 C ``[H, P]``; log_dt ``[P]`` (one step per mode); D ``[H]``; the state is ``[B, P]`` complex.
 ``x_t = Lambda_bar x_{t-1} + B_bar u_t`` and ``y_t = 2 Re(C x_t) + D u_t`` (``conj_sym=False``:
 ``Re(C x_t) + D u_t``). Forms: ``"scan"`` (``linear_scan``'s associative scan), ``"chunk"``
-(``linear_scan`` blocked by ``chunk_size``), ``"reference"`` (``lax.scan``), ``"pallas"``, ``"auto"``
-(``memjax.ops.dispatch.AUTO``: scan, measured in docs/results/op_dispatch.md).
+(``linear_scan`` blocked by ``chunk_size``), ``"reference"`` (``lax.scan``), ``"pallas"``,
+``"auto"`` (``memjax.ops.dispatch.AUTO``: scan, measured in docs/results/op_dispatch.md).
 
 Arithmetic is in ``promote_types(inputs, complex64)``: complex64 / float32 for float32 or
 bfloat16 inputs, complex128 / float64 when everything is float64 under ``jax_enable_x64``. y has

@@ -1,4 +1,4 @@
-"""How every operator in memjax.ops picks its form: one vocabulary, one auto table, one tuning table.
+"""How every operator in memjax.ops picks its form: one vocabulary, one auto table, one tuning.
 
 Forms (the ``impl`` argument of every operator):
 

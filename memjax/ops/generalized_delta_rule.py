@@ -68,7 +68,7 @@ from memjax.ops import dispatch
 from memjax.ops._common import acc_dtype, balanced_blocks, cast, check_chunk_size, check_qkv
 from memjax.ops._common import check_rank, check_shape, default_scale, empty_sequence, from_blocks
 from memjax.ops._common import from_heads, scan_over_time, state_or_zeros, to_blocks, to_heads
-from memjax.ops.delta_rule import _unit_lower_inverse
+from memjax.ops._common import unit_lower_inverse
 
 __all__ = ["generalized_delta_rule", "generalized_delta_rule_step"]
 
@@ -404,7 +404,7 @@ def _block_core(ops, state, scale):
     pairs = _pairs(ops["lhs"], rhs, diag, ops["f"])  # [B, H, M, 2, 2, C, C]
     a_ba, a_bk = pairs[..., 0, 0, :, :], pairs[..., 0, 1, :, :]
     a_qa, a_qk = pairs[..., 1, 0, :, :], pairs[..., 1, 1, :, :]
-    t_inv = _unit_lower_inverse(-a_ba)  # (I - A_ba)^-1
+    t_inv = unit_lower_inverse(-a_ba)  # (I - A_ba)^-1
     b_e = b * ops["f"]["exp_e"]
     z = a_bk @ v
     a_end, k_end = a * ops["f"]["to_end"], k * ops["f"]["to_end"]
@@ -575,10 +575,11 @@ def _chunk_form(q, k, v, g, a, b, initial_state, scale, *, chunk_size: int, stat
     factor is a product of w's (``_decay_factors``). Padded tokens (g = a = b = k = 0) leave
     the state unchanged, so the final state is exact for any T.
 
-    Layout: an outer scan over blocks of at most ``block_chunks`` chunks (``dispatch.TUNING``) with a custom VJP (``_scan_blocks``): the forward pass saves each
-    block's start state, the backward pass (``_chunk_block_bwd``) recomputes the block from it.
-    ``static_scale`` (a Python float) is applied inside the blocks; a traced scale is applied to
-    the output afterwards.
+    Layout: an outer scan over blocks of at most ``block_chunks`` chunks (``dispatch.TUNING``)
+    with a custom VJP (``_scan_blocks``): the forward pass saves each block's start state, the
+    backward pass (``_chunk_block_bwd``) recomputes the block from it. ``static_scale`` (a
+    Python float) is applied inside the blocks; a traced scale is applied to the output
+    afterwards.
     """
     B, T, H, K = q.shape
     C = chunk_size

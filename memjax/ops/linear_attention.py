@@ -37,17 +37,17 @@ form and for the chunk form with a per-channel g; a
 hand-written backward pass for the chunk form with g None or per head (see ``_chunk_block_bwd``).
 Both chunk backward passes recompute each block of chunks from its saved start state.
 
-Numerical safety of the chunk form: every ``exp`` it evaluates has an exponent ``<= 0`` (so
-nothing overflows, whatever the decay; an underflow to 0 only happens where the exact factor is
-below the smallest float), and masked entries get their exponent set to ``-inf`` *before* the
-``exp`` (so no ``inf * 0`` in the forward pass and no ``0 * inf`` in the gradient). See
-``_intra_chunk_decay`` (per head) and ``_intra_chunk_scores_per_channel`` (per channel). Decays
-within a chunk are differences of chunk-local cumulative sums, so in float32 a factor
-``exp(b_i - b_j)`` carries an absolute exponent error of about ``|b| * 6e-8``: harmless for the
-factors that matter, but a head that mixes very strong and very weak gates inside one chunk sees
-relative errors of ``|b| * 6e-8`` on its weak-gate factors (the same holds for FLA's kernels).
-The normalizer is not guarded: ``q_t . z_t`` must stay away from ``-NORMALIZER_EPS / scale``
-(true for positive feature maps).
+Numerical safety of the chunk form: every ``exp`` it evaluates has an exponent ``<= 0`` (so nothing
+overflows, whatever the decay; an underflow to 0 only happens where the exact factor is below the
+smallest float), and masked entries get their exponent set to ``-inf`` *before* the ``exp`` (so no
+``inf * 0`` in the forward pass and no ``0 * inf`` in the gradient). See
+``memjax.ops._common.intra_chunk_decay`` (per head) and ``_intra_chunk_scores_per_channel`` (per
+channel). Decays within a chunk are differences of chunk-local cumulative sums, so in float32 a
+factor ``exp(b_i - b_j)`` carries an absolute exponent error of about ``|b| * 6e-8``: harmless for
+the factors that matter, but a head that mixes very strong and very weak gates inside one chunk
+sees relative errors of ``|b| * 6e-8`` on its weak-gate factors (the same holds for FLA's kernels).
+The normalizer is not guarded: ``q_t . z_t`` must stay away from ``-NORMALIZER_EPS / scale`` (true
+for positive feature maps).
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ import jax.numpy as jnp
 from memjax.ops import dispatch
 from memjax.ops._common import acc_dtype, balanced_blocks, cast, check_chunk_size, check_qkv
 from memjax.ops._common import check_shape, default_scale, empty_sequence, from_blocks, from_heads
-from memjax.ops._common import scan_over_time, state_or_zeros, to_blocks, to_heads
+from memjax.ops._common import intra_chunk_decay, scan_over_time, state_or_zeros, to_blocks
+from memjax.ops._common import to_heads
 
 __all__ = ["linear_attention", "linear_attention_step", "NORMALIZER_EPS"]
 
@@ -187,20 +188,6 @@ def _reference_form(q, k, v, g, initial_state, scale, normalize=False):
 # ---------------------------------------------------------------------------------------------
 
 
-def _intra_chunk_decay(b):
-    """D[..., i, j] = exp(b_i - b_j) for i >= j, else 0. b: ``[..., C]`` chunk-local cumsum.
-
-    The mask is applied to the exponent (-inf) rather than to the result: for j > i the
-    difference b_i - b_j is >= 0 and, with strong decay, exp of it overflows. Masking the result
-    would give inf * 0 = NaN (multiplying by the mask) or a NaN gradient (where() after exp,
-    since the cotangent of the unused inf branch is 0 * inf). Every exponent kept is <= 0.
-    """
-    C = b.shape[-1]
-    causal = jnp.tril(jnp.ones((C, C), dtype=bool))
-    diff = b[..., :, None] - b[..., None, :]
-    return jnp.exp(jnp.where(causal, diff, -jnp.inf))
-
-
 def _sub_chunk_size(C: int) -> int:
     """Largest divisor of C that is <= the tuned sub-chunk (``dispatch.TUNING``, read when the
     chunk form is traced)."""
@@ -296,7 +283,7 @@ def _intra_scores(ops, C: int, acc):
     scores = jnp.einsum("bhmik,bhmkj->bhmij", ops["q"], ops["k_t"])
     if ops["g_kind"] is None:
         return scores * jnp.tril(jnp.ones((C, C), acc))  # one [C, C] mask, broadcast
-    return scores * _intra_chunk_decay(ops["b"])
+    return scores * intra_chunk_decay(ops["b"])
 
 
 def _chunk_updates(ops):
@@ -374,7 +361,7 @@ def _chunk_block_bwd(state, xs, d_o, d_state, *, chunk_size: int, scale, normali
     head = ops["g_kind"] == "head"
     k = barrier(to_heads(ops["k_raw"], M, C))
     causal = jnp.tril(jnp.ones((C, C), acc))
-    decay = _intra_chunk_decay(ops["b"]) if head else causal
+    decay = intra_chunk_decay(ops["b"]) if head else causal
     scores = jnp.einsum("bhmik,bhmkj->bhmij", q, k_t) * decay
     final, starts = _chunk_starts(ops, state, _chunk_updates(ops))
     d_o = to_heads(d_o.astype(acc), M, C)
@@ -497,7 +484,7 @@ def _chunk_form(q, k, v, g, initial_state, scale, *, chunk_size: int, normalize,
     product is a batched matmul over (B, H, M) whose operands stay in cache (see
     ``_chunk_block``); one batched matmul over all the chunks of a long sequence streams hundreds
     of MB through memory and ran at a third of the rate. Every exponent is <= 0: see
-    ``_intra_chunk_decay`` and ``_intra_chunk_scores_per_channel``.
+    ``intra_chunk_decay`` and ``_intra_chunk_scores_per_channel``.
 
     Gradients: for g None or per head a hand-written backward pass (``_chunk_block_bwd``) that
     recomputes each block from its saved start state, so the saved residuals are one state per

@@ -29,11 +29,12 @@ Forms (``impl``):
 Speed: docs/results/op_dispatch.md (from docs/results/bench_ssm_scans.json and
 bench_ssm_scans_batch16.json). The sequential scan wins on CPU: each step touches only the
 ``[B, D, N]`` state, which stays in cache, while the scan form streams ``O(log T)`` passes over
-``[B, T, D, N]`` arrays. The chunk form is not sensible for this recurrence: with value width 1 its matmuls do ``C`` times the
-recurrence's arithmetic (``C N`` per token and channel instead of ``N``), and the per-channel decay
-takes linear_attention's elementwise intra-chunk path; it is kept as a third, independently
-derived form (and it saves one state per block for the backward pass instead of every prefix).
-Gradients are JAX autodiff of each form (for chunk, linear_attention's own).
+``[B, T, D, N]`` arrays. The chunk form is not sensible for this recurrence: with value width 1 its
+matmuls do ``C`` times the recurrence's arithmetic (``C N`` per token and channel instead of
+``N``), and the per-channel decay takes linear_attention's elementwise intra-chunk path; it is kept
+as a third, independently derived form (and it saves one state per block for the backward pass
+instead of every prefix). Gradients are JAX autodiff of each form (for chunk, linear_attention's
+own).
 """
 
 from __future__ import annotations

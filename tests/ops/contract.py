@@ -39,7 +39,8 @@ LOW_PRECISION_TOL = {"float32": dict(y=1e-5, state=1e-5), "bfloat16": dict(y=1e-
 
 @dataclasses.dataclass(frozen=True)
 class Bad:
-    """One bad input: ``change(call)`` returns the broken call; the ValueError matches ``message``."""
+    """One bad input: ``change(call)`` returns the broken call, whose ValueError matches
+    ``message``."""
 
     id: str
     change: Callable[[dict], dict]
@@ -319,6 +320,9 @@ def test_pallas_without_kernel_names_op_and_platform(spec):
     if spec.op is None:
         pytest.skip(f"{spec.id} has one form and no impl argument")
     args, h0 = inputs(spec, 9, 5, jnp.float32)
-    with pytest.raises(ValueError, match=rf"no kernel is registered for '{spec.op}' on "
-                                         rf"platform 'cpu'"):
+    with pytest.raises(
+        ValueError,
+        match=rf"no kernel is registered for '{spec.op}' on "
+        rf"platform 'cpu'",
+    ):
         call(spec, args, h0, "pallas")

@@ -20,7 +20,7 @@ from numpy_reference import delta_rule_np
 from specs import DELTA_RULE, gate
 
 from memjax.ops import delta_rule, dispatch
-from memjax.ops.delta_rule import _unit_lower_inverse
+from memjax.ops._common import unit_lower_inverse
 
 B, H, K, V = 2, 2, 4, 8
 
@@ -74,7 +74,7 @@ def test_unit_lower_inverse_f64(x64, C):
     a = np.tril(rng.normal(size=(3, C, C)), -1) / np.sqrt(C)
     expected = np.linalg.inv(np.eye(C) + a)
     a[0] += np.triu(rng.normal(size=(C, C)), 0)  # only the strictly-lower part may be read
-    got = jax.jit(_unit_lower_inverse)(jnp.asarray(a))
+    got = jax.jit(unit_lower_inverse)(jnp.asarray(a))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
 
 
