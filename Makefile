@@ -24,9 +24,11 @@ constraints:
 	  $(PY) -m pip freeze --all --exclude-editable --exclude memjax; } > constraints.txt
 
 # The main job: a 2-layer DeltaNet (no attention) on MQAR (T=64, 4 pairs, vocab 256), then test
-# accuracy and the key-swap recall probe.
+# accuracy and the key-swap recall probe. The block's short convolution is kept in front of
+# DeltaNet's own (stack_short_convs): measured to reach 0.99 in ~500 steps against ~1400 without.
 run: $(STAMP)
-	$(PY) scripts/train.py --config configs/mqar.py:model=deltanet,vocab=256 --workdir $(RUNDIR)
+	$(PY) scripts/train.py --config configs/mqar.py:model=deltanet,vocab=256 --workdir $(RUNDIR) \
+		--config.model.stack_short_convs=True
 
 # Fast suite (< 20 min on 2 CPU cores). Slow checks are marked `slow` and run by test-slow.
 test: $(STAMP)

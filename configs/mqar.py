@@ -4,7 +4,7 @@ The main job (`make run`): DeltaNet, a purely recurrent memory (no softmax atten
 on Zoology's quick MQAR setting (its `basic.py`: T=64, 4 pairs, vocab 256):
 
     python scripts/train.py --config configs/mqar.py:model=deltanet,vocab=256 \
-        --workdir runs/mqar_main
+        --workdir runs/mqar_main --config.model.stack_short_convs=True
 
 trains on 100k examples (random filler) with the MQAR recipe below and stops once test accuracy
 on 1000 held-out examples reaches 0.99; the key-swap recall probe is printed beside accuracy.
