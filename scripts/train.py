@@ -67,9 +67,20 @@ def unknown_field(argv) -> str | None:
     return None
 
 
+def ignore_closed_event_loop(unraisable, default_hook=sys.unraisablehook):
+    """After a failed Orbax restore, tensorstore callbacks still post to Orbax's asyncio loop,
+    which is closed by then; Python reports each as an unraisable "Event loop is closed" error
+    that would bury the real message. Those are dropped; anything else is reported as usual."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return
+    default_hook(unraisable)
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO.
+    sys.unraisablehook = ignore_closed_event_loop
     try:
         result = train(_CONFIG.value, _WORKDIR.value)
     except (TrainingDiverged, Preempted, CheckpointError, ValueError, KeyError) as error:
