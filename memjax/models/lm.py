@@ -178,6 +178,9 @@ class LanguageModel(nn.Module):
         """The mixer options of each of the `num_layers` blocks (see the class docstring)."""
         kinds = layer_kinds(self.layers)
         if not kinds:
+            if not self.mixer:
+                raise ValueError("model.mixer is empty and model.layers names no mixers: give "
+                                 "one of them (configs: model=<mixer> or model=<a>+<b>)")
             return [self.mixer] * self.num_layers
         if self.num_layers % len(kinds):
             raise ValueError(f"layers pattern {list(kinds)} ({len(kinds)} kinds) does not repeat "

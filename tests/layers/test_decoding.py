@@ -76,6 +76,7 @@ def test_hybrid_stack_decodes_and_its_state_size_is_its_cache():
 @pytest.mark.parametrize("layers, num_layers, mixers, match", [
     ("swa,deltanet", 3, {"swa": {}, "deltanet": {}}, "does not repeat evenly to num_layers = 3"),
     ("swa,deltanet", 2, {"swa": {"name": "attention"}}, r"layers names \['deltanet'\]"),
+    ("", 2, {}, "model.mixer is empty and model.layers names no mixers"),
 ])
 def test_bad_layer_patterns_raise(layers, num_layers, mixers, match):
     model = build_model(dict(name="lm", vocab_size=VOCAB, d_model=D, num_layers=num_layers,
