@@ -19,6 +19,17 @@ class UnreadableCheckpoint(CheckpointError):
     """A checkpoint's files cannot be read (corrupt or incomplete), as opposed to another model's."""
 
 
+# Model settings added after checkpoints were first written, with the value that reproduces the
+# model the code built before the setting existed: a checkpoint that lacks one is read as having
+# it. (Before model.stack_short_convs, every mixer got the block's short convolution, including
+# those with their own.)
+LEGACY_MODEL_SETTINGS = {"layers": "", "mixers": {}, "stack_short_convs": True}
+
+
+def _with_legacy_settings(saved_model: dict) -> dict:
+    return {**LEGACY_MODEL_SETTINGS, **saved_model} if isinstance(saved_model, dict) else saved_model
+
+
 def _differences(saved, current, prefix="") -> list[str]:
     """Dotted keys whose values differ between two nested dicts (missing counts as different)."""
     if not (isinstance(saved, dict) and isinstance(current, dict)):
@@ -89,7 +100,7 @@ class Checkpointer:
             raise UnreadableCheckpoint(
                 f"checkpoint {self.directory}/{step} is unreadable ({type(error).__name__}: {error})"
             ) from error
-        mismatches = _differences(extras.get("model"), model_config, "model")
+        mismatches = _differences(_with_legacy_settings(extras.get("model")), model_config, "model")
         if mismatches:
             raise CheckpointError(
                 f"{self.directory} holds a checkpoint (step {step}) of a different model; "

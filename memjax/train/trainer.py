@@ -257,10 +257,15 @@ def train(config, workdir, hooks=()) -> dict:
         checkpoints.close()
 
 
-def _empty_buffer(train_step, state, batch, capacity: int, sharding):
-    """A `StepMetrics` buffer of `capacity` rows for the metrics `train_step` returns."""
+def _buffer_factory(train_step, state, batch, capacity: int, sharding):
+    """`() -> StepMetrics`: an empty buffer of `capacity` rows for the metrics `train_step` returns.
+
+    Every buffer comes from this one jitted function, so all have the same sharding and the
+    step that takes them compiles once (a buffer cleared by another function may carry an
+    equivalent but unequal sharding, and the step would compile again).
+    """
     names = list(jax.eval_shape(train_step, state, batch)[1])
-    return jax.jit(lambda: step_metrics.StepMetrics.empty(names, capacity), out_shardings=sharding)()
+    return jax.jit(lambda: step_metrics.StepMetrics.empty(names, capacity), out_shardings=sharding)
 
 
 def _train_loop(config, workdir, hooks, task, model, state, checkpoints, evaluate, train_step,
@@ -282,8 +287,8 @@ def _train_loop(config, workdir, hooks, task, model, state, checkpoints, evaluat
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
     step_fn = jax.jit(step_metrics.recording(train_step), donate_argnums=(0, 1))
-    clear = jax.jit(lambda b: jax.tree.map(jnp.zeros_like, b))
-    buffer = None  # made at the first step, whose trace names the metrics (aux ones included)
+    # Made at the first step, whose trace names the metrics (aux ones included).
+    new_buffer = buffer = None
     score = "mse" if task.loss == "mse" else "accuracy"  # the train metric shown beside the loss
     writer = MetricWriter(workdir, resume_step=start) if is_writer else NullWriter()
     progress = _Progress(cfg.progress_bar, cfg.steps, start)
@@ -305,7 +310,7 @@ def _train_loop(config, workdir, hooks, task, model, state, checkpoints, evaluat
                 "train.warmup_steps.")
         for row in rows:
             running.add(row)
-        buffer = clear(buffer)
+        buffer = new_buffer()
 
     def save():
         nonlocal saved
@@ -318,7 +323,8 @@ def _train_loop(config, workdir, hooks, task, model, state, checkpoints, evaluat
             while step < cfg.steps:
                 batch = prepare_batch(next(train_iter), task.loss)
                 if buffer is None:
-                    buffer = _empty_buffer(train_step, state, batch, cfg.log_every, replicated)
+                    new_buffer = _buffer_factory(train_step, state, batch, cfg.log_every, replicated)
+                    buffer = new_buffer()
                 state, buffer = step_fn(state, buffer, jax.device_put(batch, batch_sharding))
                 step += 1
                 window_tokens += batch["inputs"].shape[0] * batch["inputs"].shape[1]
