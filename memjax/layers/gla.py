@@ -17,7 +17,7 @@ class GatedLinearAttention(nn.Module):
     `S_t = diag(alpha_t) S_{t-1} + k_t v_t^T`, `o_t = S_t^T q_t / sqrt(K)`, with the per-channel
     decay `log alpha_t = logsigmoid(W_2 W_1 x_t + b) / gate_normalizer` (a rank-16 map; dividing
     by the normaliser keeps most channels near 1 at initialisation). Output: per-head RMSNorm
-    times `silu(W_r x)`, then the output projection. `[B, T, d_model]` in and out; decoding
+    times `silu(W_r x)` (unless `output_gate=False`), then the output projection. `[B, T, d_model]` in and out; decoding
     cache `{"state": [B, H, K, d_model / H]}`.
     """
 
@@ -26,6 +26,7 @@ class GatedLinearAttention(nn.Module):
     expand_k: float = 0.5
     gate_rank: int = 16
     gate_normalizer: float = 16.0
+    output_gate: bool = True  # False: the normalised heads go straight to the output projection
     chunk_size: int = 64
     impl: str = "auto"
 
@@ -43,7 +44,8 @@ class GatedLinearAttention(nn.Module):
             linear_attention, linear_attention_step, None if cache is None else cache["state"],
             {"impl": self.impl, "chunk_size": self.chunk_size}, q=q, k=k, v=v, g=g)
         o = merge_heads(nn.RMSNorm(name="head_norm")(o))
-        o = o * nn.silu(initializers.dense(self.d_model, name="out_gate")(x))
+        if self.output_gate:
+            o = o * nn.silu(initializers.dense(self.d_model, name="out_gate")(x))
         y = initializers.dense_out(self.d_model, name="out")(o)
         return y if cache is None else (y, {"state": state})
 

@@ -175,10 +175,10 @@ def deltanet_np(p, x, *, num_heads, gated, allow_neg_eigval):
     return dense(p["out"], o)
 
 
-def gla_np(p, x, *, num_heads, expand_k, gate_normalizer):
+def gla_np(p, x, *, num_heads, expand_k, gate_normalizer, output_gate=True):
     """GLA (Yang et al. 2023): `S_t = diag(alpha_t) S_{t-1} + k_t^T v_t` (key-major, as in the
     paper), `o_t = q_t S_t / sqrt(K)`, `alpha_t = sigmoid(W_up W_down x_t + b)^(1 / normaliser)`;
-    per-head RMSNorm times `silu(W_r x)`, then `W_out`."""
+    per-head RMSNorm times `silu(W_r x)` (when `output_gate`), then `W_out`."""
     B, T, d = x.shape
     key_width = int(expand_k * d / num_heads)
     q, k = (heads(dense(p[n], x), num_heads) for n in "qk")
@@ -190,7 +190,9 @@ def gla_np(p, x, *, num_heads, expand_k, gate_normalizer):
     for t in range(T):
         S = alpha[:, t, :, :, None] * S + np.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
         o[:, t] = np.einsum("bhk,bhkv->bhv", q[:, t], S) / np.sqrt(key_width)
-    o = rms_norm(o, p["head_norm"]["scale"]).reshape(B, T, d) * silu(dense(p["out_gate"], x))
+    o = rms_norm(o, p["head_norm"]["scale"]).reshape(B, T, d)
+    if output_gate:
+        o = o * silu(dense(p["out_gate"], x))
     return dense(p["out"], o)
 
 
