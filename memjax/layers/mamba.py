@@ -57,7 +57,8 @@ class Mamba(nn.Module):
 
     Default init: ``A[d, n] = -(n + 1)`` (S4D-real), ``Dskip = 1``, ``b_dt`` such that
     ``softplus(b_dt)`` is log-uniform in ``[dt_min, dt_max] = [1e-3, 1e-1]``, ``W_dt`` uniform in
-    ``+-R^-0.5``, other projections lecun-normal.
+    ``+-R^-0.5``, ``W_in`` and ``W_x`` uniform in ``+-fan_in^-0.5`` (``initializers.ssm_input``:
+    PyTorch's Linear default, kept by mamba_ssm), ``W_out`` the reference output init.
 
     ``polarized`` (Wang et al. 2025, recency and over-smoothing): for every channel d, state
     index 0 has a fixed transition ``a_t = 1`` (log decay 0: it never forgets) and index 1 has

@@ -32,7 +32,8 @@ class Mamba2(nn.Module):
         out    = W_out RMSNorm(y * silu(z))          # gated RMSNorm over the E channels
 
     Default init: ``-A`` uniform in [1, 16], ``Dskip = 1``, ``b_dt`` such that ``softplus(b_dt)``
-    is log-uniform in ``[dt_min, dt_max] = [1e-3, 1e-1]``, projections lecun-normal.
+    is log-uniform in ``[dt_min, dt_max] = [1e-3, 1e-1]``, ``W_in`` uniform in ``+-fan_in^-0.5``
+    (``initializers.ssm_input``, as mamba_ssm keeps it), ``W_out`` the reference output init.
 
     ``polarized`` (Wang et al. 2025): head 0 has a fixed transition ``a_t = 1`` (A = 0: it never
     forgets) and head 1 has ``a_t = 0`` (it holds only the current token's ``dt Bm x^T``). Neither
