@@ -17,8 +17,8 @@ class GatedLinearAttention(nn.Module):
     `S_t = diag(alpha_t) S_{t-1} + k_t v_t^T`, `o_t = S_t^T q_t / sqrt(K)`, with the per-channel
     decay `log alpha_t = logsigmoid(W_2 W_1 x_t + b) / gate_normalizer` (a rank-16 map; dividing
     by the normaliser keeps most channels near 1 at initialisation). Output: per-head RMSNorm
-    times `silu(W_r x)` (unless `output_gate=False`), then the output projection. `[B, T, d_model]` in and out; decoding
-    cache `{"state": [B, H, K, d_model / H]}`.
+    times `silu(W_r x)` (unless `output_gate=False`), then the output projection. `[B, T,
+    d_model]` in and out; decoding cache `{"state": [B, H, K, d_model / H]}`.
     """
 
     d_model: int
