@@ -13,7 +13,9 @@ docs/results/ssm_recall/README.md.
 
 Preset `cpu`: the 9 runs above, plus Mamba and Mamba-2 at d_model 128 (`mamba_d128`,
 `mamba2_d128`; Zoology's grid has 64, 128 and 256), since at d_model 64 neither reached 0.99
-within the 1500 steps (docs/results/ssm_recall/README.md). Preset `full`: the same mixers on the `zoology_mqar` ladder to
+within the 1500 steps (docs/results/ssm_recall/README.md); and two tries at the bar: Mamba-2
+with a 3000-step schedule (`mamba2_3000`) and Mamba with the block's short convolution stacked
+on its own (`mamba_stacked_convs`). Preset `full`: the same mixers on the `zoology_mqar` ladder to
 (256, 16) at d_model {64, 128}, learning rates {1e-3, 3e-3, 1e-2}, 3000 steps.
 """
 
@@ -31,7 +33,11 @@ def runs(preset: str) -> list[dict]:
         return ([{"name": mixer, "config": f"configs/mqar.py:model={mixer},d_model=64",
                   "overrides": T64_RECIPE} for mixer in MIXERS]
                 + [{"name": f"{mixer}_d128", "config": f"configs/mqar.py:model={mixer},d_model=128",
-                    "overrides": T64_RECIPE} for mixer in ("mamba", "mamba2")])
+                    "overrides": T64_RECIPE} for mixer in ("mamba", "mamba2")]
+                + [{"name": "mamba2_3000", "config": "configs/mqar.py:model=mamba2,d_model=64",
+                    "overrides": T64_RECIPE | {"train.steps": 3000}},
+                   {"name": "mamba_stacked_convs", "config": "configs/mqar.py:model=mamba,d_model=64",
+                    "overrides": T64_RECIPE | {"model.stack_short_convs": True}}])
     if preset == "full":
         return [{"name": f"{mixer}_d{d}_lr{lr:g}",
                  "config": f"configs/mqar.py:model={mixer},d_model={d},T=256,pairs=16,mixture=ladder",
