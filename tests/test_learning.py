@@ -26,7 +26,7 @@ KNOWN_FAILURES: dict[str, str] = {
     "mamba": "recalls, imprecisely: 0.608 after 1500 steps, probe 0.617 / 0.029; 79% of its wrong "
              "answers are value tokens absent from the context (docs/results/ssm_recall)",
     "mamba2": "recall, but 0.9725 when the 1500-step schedule ends (0.966 at 1200), probe 0.969 / "
-              "0.003 (docs/results/ssm_recall)",
+              "0.003; with a 3000-step schedule 0.9908 at step 2400 (docs/results/ssm_recall)",
     "s4d": "a time-invariant convolution cannot select by content: 0.258 after 1500 steps, probe "
            "0.264 / 0.264, a prior (docs/results/ssm_recall)",
     "s5": "time-invariant, one shared MIMO state: 0.193 after 1500 steps, probe 0.191 / 0.203 "
