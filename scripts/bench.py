@@ -53,8 +53,8 @@ class OpCase:
     """One operator configuration: its inputs, its call, its forms and its flop count."""
 
     make_inputs: Callable  # (key, args, T) -> tuple of arrays
-    call: Callable  # (inputs, impl, chunk_size) -> (o, final_state)
-    flops: Callable  # (args) -> forward flops per token, summed over heads / channels
+    call: Callable  # (inputs, impl, chunk_size, args) -> (o, final_state)
+    flops: Callable  # (args, T) -> forward flops per token, summed over heads / channels
     flop_formula: str
     impls: tuple = ("reference", "chunk")  # the forms besides "auto"
 
@@ -86,7 +86,7 @@ def _heads(make):
 
 def _per_head(flops, formula):
     """A per-head, per-token chunk-algorithm flop count `flops(C, K, V)`, times --H."""
-    return dict(flops=lambda a: flops(a.chunk_size, a.K, a.V) * a.H, flop_formula=f"H*({formula})")
+    return dict(flops=lambda a, T: flops(a.chunk_size, a.K, a.V) * a.H, flop_formula=f"H*({formula})")
 
 
 LINEAR_FLOPS = _per_head(lambda C, K, V: 4 * C * K + 4 * K * V, "4*C*K + 4*K*V")
@@ -155,53 +155,63 @@ def _ssd_inputs(key, a, T):
 CASES = {
     "linear_attention": OpCase(
         _heads(_qkv),
-        lambda x, impl, C: ops.linear_attention(*x, impl=impl, chunk_size=C), **LINEAR_FLOPS),
+        lambda x, impl, C, a: ops.linear_attention(*x, impl=impl, chunk_size=C), **LINEAR_FLOPS),
     "linear_attention_head_decay": OpCase(
         _heads(lambda key, B, T, H, K, V: (*_qkv(key, B, T, H, K, V), _log_decay(key, B, T, H))),
-        lambda x, impl, C: ops.linear_attention(*x, impl=impl, chunk_size=C), **LINEAR_FLOPS),
+        lambda x, impl, C, a: ops.linear_attention(*x, impl=impl, chunk_size=C), **LINEAR_FLOPS),
     "linear_attention_channel_decay": OpCase(
         _heads(lambda key, B, T, H, K, V: (*_qkv(key, B, T, H, K, V), _log_decay(key, B, T, H, K))),
-        lambda x, impl, C: ops.linear_attention(*x, impl=impl, chunk_size=C), **LINEAR_FLOPS),
+        lambda x, impl, C, a: ops.linear_attention(*x, impl=impl, chunk_size=C), **LINEAR_FLOPS),
     "delta_rule": OpCase(
         _heads(lambda key, B, T, H, K, V: (*_qkv(key, B, T, H, K, V, True),
                                            jax.nn.sigmoid(_normal(key, B, T, H)))),
-        lambda x, impl, C: ops.delta_rule(*x, impl=impl, chunk_size=C), **DELTA_FLOPS),
+        lambda x, impl, C, a: ops.delta_rule(*x, impl=impl, chunk_size=C), **DELTA_FLOPS),
     "gated_delta_rule": OpCase(
         _heads(lambda key, B, T, H, K, V: (*_qkv(key, B, T, H, K, V, True),
                                            jax.nn.sigmoid(_normal(key, B, T, H)),
                                            _log_decay(key, B, T, H))),
-        lambda x, impl, C: ops.delta_rule(*x, impl=impl, chunk_size=C), **DELTA_FLOPS),
+        lambda x, impl, C, a: ops.delta_rule(*x, impl=impl, chunk_size=C), **DELTA_FLOPS),
     "generalized_delta_rule": OpCase(
         _heads(_rwkv7_inputs),
-        lambda x, impl, C: ops.generalized_delta_rule(*x, impl=impl, chunk_size=C),
+        lambda x, impl, C, a: ops.generalized_delta_rule(*x, impl=impl, chunk_size=C),
         **_per_head(lambda C, K, V: 10 * C * K + 6 * C * V + 8 * K * V + C * C,
                     "10*C*K + 6*C*V + 8*K*V + C*C")),
     # State-space scans: flops of the recurrence itself (not of each form's algorithm).
     "linear_scan": OpCase(
-        _linear_scan_inputs, lambda x, impl, C: ops.linear_scan(*x, impl=impl, chunk_size=C),
-        lambda a: 2 * a.D * a.N, "2*D*N (h = a h + b)", SCAN_IMPLS),
+        _linear_scan_inputs, lambda x, impl, C, a: ops.linear_scan(*x, impl=impl, chunk_size=C),
+        lambda a, T: 2 * a.D * a.N, "2*D*N (h = a h + b)", SCAN_IMPLS),
     "s4d": OpCase(
-        _s4d_inputs, lambda x, impl, C: ops.s4d(*x, impl=impl),
-        lambda a: 16 * a.D * a.N, "16*D*N (complex update and readout)", ("reference", "scan", "conv")),
+        _s4d_inputs, lambda x, impl, C, a: ops.s4d(*x, impl=impl),
+        lambda a, T: 16 * a.D * a.N, "16*D*N (complex update and readout)", ("reference", "scan", "conv")),
     "s5": OpCase(
-        _s5_inputs, lambda x, impl, C: ops.s5(*x, impl=impl, chunk_size=C),
-        lambda a: 16 * a.D * a.N + 8 * a.N, "16*D*P + 8*P (complex B u, C x, update)", SCAN_IMPLS),
+        _s5_inputs, lambda x, impl, C, a: ops.s5(*x, impl=impl, chunk_size=C),
+        lambda a, T: 16 * a.D * a.N + 8 * a.N, "16*D*P + 8*P (complex B u, C x, update)", SCAN_IMPLS),
     "selective_scan": OpCase(
-        _selective_inputs, lambda x, impl, C: ops.selective_scan(*x, impl=impl, chunk_size=C),
-        lambda a: 6 * a.D * a.N, "6*D*N (decay, update, readout)", SCAN_IMPLS),
+        _selective_inputs, lambda x, impl, C, a: ops.selective_scan(*x, impl=impl, chunk_size=C),
+        lambda a, T: 6 * a.D * a.N, "6*D*N (decay, update, readout)", SCAN_IMPLS),
     "ssd": OpCase(
-        _ssd_inputs, lambda x, impl, C: ops.ssd(*x, impl=impl, chunk_size=C),
-        lambda a: 4 * a.D * a.N, "4*D*N (state update and readout)"),
+        _ssd_inputs, lambda x, impl, C, a: ops.ssd(*x, impl=impl, chunk_size=C),
+        lambda a, T: 4 * a.D * a.N, "4*D*N (state update and readout)"),
+    # Softmax attention: flops of the visible logits and weighted values (causal: (T + 1) / 2
+    # keys per query on average; a window: at most --window).
+    "softmax_attention": OpCase(
+        _heads(_qkv), lambda x, impl, C, a: (ops.softmax_attention(*x, impl=impl, chunk_size=C), 0.0),
+        lambda a, T: a.H * (a.K + a.V) * (T + 1), "H*(K + V)*(T + 1)"),
+    "sliding_window_attention": OpCase(
+        _heads(_qkv),
+        lambda x, impl, C, a: (ops.softmax_attention(*x, window=a.window, impl=impl, chunk_size=C),
+                               0.0),
+        lambda a, T: 2 * a.H * (a.K + a.V) * min(a.window, T), "2*H*(K + V)*min(window, T)"),
 }
 
 
-def _forward(case, impl, C):
-    return lambda *x: case.call(x, impl, C)
+def _forward(case, impl, args):
+    return lambda *x: case.call(x, impl, args.chunk_size, args)
 
 
-def _forward_backward(case, impl, C):
+def _forward_backward(case, impl, args):
     def loss(x):
-        o, state = case.call(x, impl, C)
+        o, state = case.call(x, impl, args.chunk_size, args)
         return o.astype(jnp.float32).sum() + jnp.real(state).sum()
 
     return lambda *x: jax.value_and_grad(loss)(x)
@@ -211,8 +221,10 @@ def bench_one(name, impl, mode, T, args, matmul_gflops) -> dict:
     case = CASES[name]
     B, C = args.B, args.chunk_size
     inputs = case.make_inputs(jax.random.key(0), args, T)
-    fn = (_forward if mode == "fwd" else _forward_backward)(case, impl, C)
+    fn = (_forward if mode == "fwd" else _forward_backward)(case, impl, args)
     row = {"op": name, "impl": impl, "mode": mode, "T": T, "B": B, "chunk_size": C}
+    if name == "sliding_window_attention":
+        row["window"] = args.window
     row |= {dim: getattr(args, dim) for dim in ("H", "K", "V", "D", "N")}
     compiled, compile_s, temp = compile_fn(fn, *inputs)
     row |= {"compile_s": compile_s, "temp_bytes": temp}
@@ -221,7 +233,7 @@ def bench_one(name, impl, mode, T, args, matmul_gflops) -> dict:
     repeats = args.repeats if T <= 16384 else max(3, args.repeats // 2)
     times = time_compiled(compiled, *inputs, repeats=repeats)
     median = statistics.median(times)
-    flops = case.flops(args) * B * T * (1 if mode == "fwd" else 3)
+    flops = case.flops(args, T) * B * T * (1 if mode == "fwd" else 3)
     gflops = flops / median / 1e9
     return row | {"median_s": median, "times_s": times, "tokens_per_s": B * T / median,
                   "gflops": gflops, "matmul_ratio": gflops / matmul_gflops,
@@ -391,6 +403,7 @@ def parse_args(argv):
     p.add_argument("--D", type=int, default=256, help="channels of the state-space scans")
     p.add_argument("--N", type=int, default=16, help="state per channel (S5: modes) of the scans")
     p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--window", type=int, default=128, help="sliding_window_attention's window")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory-limit-gb", type=float, default=8.0)
     p.add_argument("--out", default=None, help="JSON output path (default: stdout only)")

@@ -17,12 +17,15 @@ class Attention(nn.Module):
     Input and output `[B, T, d_model]`. Decoding state (`init_cache`): key and value buffers
     `[B, S, H, d_model / H]` (S = max_len, or the window when it is shorter) and the number of
     tokens seen. `__call__(x, cache)` treats x as the continuation of the cached tokens and
-    returns `(y, cache)`.
+    returns `(y, cache)`. `impl`, `chunk_size`: the operator's form (memjax.ops.softmax_attention;
+    "chunk" pays for long sequences with a window, docs/results/op_dispatch.md).
     """
 
     d_model: int
     num_heads: int = 1
     window: int = 0
+    impl: str = "auto"
+    chunk_size: int = 64
 
     @nn.compact
     def __call__(self, x, cache=None):
@@ -32,7 +35,7 @@ class Attention(nn.Module):
         q, k, v = jnp.split(qkv.reshape(batch, seq_len, self.num_heads, 3 * width), 3, axis=-1)
         out = initializers.dense_out(self.d_model, name="out")
         if cache is None:
-            o = softmax_attention(q, k, v, window=self.window or None)
+            o = softmax_attention(q, k, v, window=self.window or None, **self._form())
             return out(o.reshape(batch, seq_len, -1))
         o, new_cache = self._attend_cached(q, k, v, cache)
         return out(o.astype(x.dtype).reshape(batch, seq_len, -1)), new_cache
@@ -45,7 +48,7 @@ class Attention(nn.Module):
         if not self._is_window_buffer(buffer):
             keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k, start, axis=1)
             values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v, start, axis=1)
-            o = softmax_attention(q, keys, values, window=window, q_offset=start)
+            o = softmax_attention(q, keys, values, window=window, q_offset=start, **self._form())
             return o, {"k": keys, "v": values, "length": start + seq_len}
         # The buffer holds the last `buffer` tokens in position order (slot j: position
         # start - buffer + j; negative positions are unwritten and masked). The new tokens go
@@ -54,8 +57,11 @@ class Attention(nn.Module):
         keys = jnp.concatenate([cache["k"], k], axis=1)
         values = jnp.concatenate([cache["v"], v], axis=1)
         o = softmax_attention(q, keys, values, window=window, q_offset=start,
-                              k_offset=start - buffer)
+                              k_offset=start - buffer, **self._form())
         return o, {"k": keys[:, seq_len:], "v": values[:, seq_len:], "length": start + seq_len}
+
+    def _form(self) -> dict:
+        return {"impl": self.impl, "chunk_size": self.chunk_size}
 
     def _is_window_buffer(self, buffer: int) -> bool:
         return 0 < self.window == buffer

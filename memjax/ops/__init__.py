@@ -4,7 +4,8 @@ from memjax.ops.delta_rule import delta_rule, delta_rule_step
 from memjax.ops.diagonal_ssm import s4d, s4d_step, s5, s5_step
 from memjax.ops.generalized_delta_rule import generalized_delta_rule, generalized_delta_rule_step
 from memjax.ops.linear_attention import linear_attention, linear_attention_step
-from memjax.ops.scan import linear_scan
+from memjax.ops.attention import softmax_attention
+from memjax.ops.scan import linear_scan, linear_scan_step
 from memjax.ops.selective_scan import selective_scan, selective_scan_step
 from memjax.ops.ssd import ssd, ssd_step
 
@@ -16,12 +17,14 @@ __all__ = [
     "linear_attention",
     "linear_attention_step",
     "linear_scan",
+    "linear_scan_step",
     "s4d",
     "s4d_step",
     "s5",
     "s5_step",
     "selective_scan",
     "selective_scan_step",
+    "softmax_attention",
     "ssd",
     "ssd_step",
 ]

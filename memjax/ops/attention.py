@@ -1,11 +1,98 @@
-"""Causal softmax attention, full or sliding-window (the exact-recall baseline)."""
+"""Causal softmax attention, full or sliding-window (the exact-recall baseline), in two forms.
+
+Forms (``impl``):
+
+- ``"reference"``: all logits at once, ``[B, H, T, S]``; the source of truth.
+- ``"chunk"``: a ``lax.scan`` over blocks of ``chunk_size`` queries, each block rematerialised
+  in the backward pass, so that forward and backward keep one block's logits alive,
+  ``[B, H, C, S]``, instead of all of them. With a sliding window each block reads only the
+  ``C + window - 1`` keys its queries can see, so its cost is ``O(T (C + window))`` instead of
+  ``O(T S)``: the form for long sequences with a window.
+- ``"pallas"``: a kernel registered in ``kernels/`` for the platform; ``"auto"``: the form
+  ``memjax.ops.dispatch.AUTO`` names (docs/results/op_dispatch.md).
+
+Both forms compute the same logits and softmax per query, so they agree to float rounding.
+"""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
+from memjax.ops import dispatch
+from memjax.ops._common import check_chunk_size, from_blocks, to_blocks
+
+__all__ = ["softmax_attention"]
+
+DEFAULT_CHUNK_SIZE = 64
+
+
+def _validate(q, k, v, window, q_offset, k_offset) -> None:
+    if (q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k.shape[0] != q.shape[0]
+            or k.shape[2:] != q.shape[2:] or v.shape[:3] != k.shape[:3]):
+        raise ValueError(
+            "softmax_attention expects q [B, T, H, K], k [B, S, H, K], v [B, S, H, V] with matching"
+            f" B, H, K and S; got q {q.shape}, k {k.shape}, v {v.shape}")
+    no_offsets = all(isinstance(o, int) and o == 0 for o in (q_offset, k_offset))
+    if no_offsets and k.shape[1] != q.shape[1]:
+        raise ValueError(f"k has {k.shape[1]} positions but q has {q.shape[1]}: pass q_offset "
+                         "when attending to a key/value cache")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive number of tokens or None, got {window}")
+
+
+def _attend(q, k, v, t, s, window, scale):
+    """Softmax attention of queries at positions t ``[T]`` to keys at positions s ``[S]``:
+    q ``[B, T, H, K]``, k ``[B, S, H, K]``, v ``[B, S, H, V]`` -> ``[B, T, H, V]`` (float32 or
+    float64). Keys at negative positions, after the query, or outside the window are masked."""
+    compute_dtype = jnp.promote_types(q.dtype, jnp.float32)  # float32, or float64 under x64
+    logits = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=compute_dtype) * scale
+    t, s = t[:, None], s[None, :]
+    visible = (s <= t) & (s >= 0)
+    if window is not None:
+        visible &= s > t - window
+    weights = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
+    return jnp.einsum("bhts,bshv->bthv", weights, v.astype(compute_dtype))
+
+
+def _reference_form(q, k, v, window, scale, q_offset, k_offset):
+    t = q_offset + jnp.arange(q.shape[1])
+    s = k_offset + jnp.arange(k.shape[1])
+    return _attend(q, k, v, t, s, window, scale)
+
+
+def _chunk_form(q, k, v, window, scale, q_offset, k_offset, chunk_size):
+    T, S = q.shape[1], k.shape[1]
+    C = min(chunk_size, T)
+    n = -(-T // C)
+    # Keys a block of C queries can see: all of them, or, with a window, the C + window - 1
+    # positions from (first query - window + 1) to the last query.
+    span = S if window is None else min(S, C + window - 1)
+
+    @jax.checkpoint
+    def block(i, q_i):
+        rows = jnp.minimum(i * C + jnp.arange(C), T - 1)  # padded rows repeat the last query
+        t = q_offset + rows
+        start = 0 if window is None else jnp.clip(q_offset + i * C - (window - 1) - k_offset,
+                                                  0, S - span)
+        k_i = jax.lax.dynamic_slice_in_dim(k, start, span, axis=1)
+        v_i = jax.lax.dynamic_slice_in_dim(v, start, span, axis=1)
+        return _attend(q_i, k_i, v_i, t, k_offset + start + jnp.arange(span), window, scale)
+
+    _, o = jax.lax.scan(lambda _, xs: (None, block(*xs)), None, (jnp.arange(n), to_blocks(q, n, C)))
+    return from_blocks(o, T)
+
+
+@functools.partial(jax.jit, static_argnames=("form", "window", "chunk_size"))
+def _softmax_attention(q, k, v, scale, q_offset, k_offset, form, window, chunk_size):
+    if form == "chunk":
+        return _chunk_form(q, k, v, window, scale, q_offset, k_offset, chunk_size)
+    return _reference_form(q, k, v, window, scale, q_offset, k_offset)
+
 
 def softmax_attention(q, k, v, *, window: int | None = None, scale: float | None = None,
-                      q_offset=0, k_offset=0):
+                      q_offset=0, k_offset=0, impl: str = "auto",
+                      chunk_size: int = DEFAULT_CHUNK_SIZE):
     """Causal multi-head softmax attention, optionally against a longer key/value cache.
 
     q: `[B, T, H, K]`; k: `[B, S, H, K]`; v: `[B, S, H, V]` (S = T without a cache); returns o
@@ -18,28 +105,19 @@ def softmax_attention(q, k, v, *, window: int | None = None, scale: float | None
     before).
     Cache slots beyond the current position are masked, so an unfilled cache needs no care.
     Logits and the softmax are computed in float32 for float32/bfloat16 inputs (float64 for float64).
+    `impl`: "reference", "chunk" (blocks of `chunk_size` queries; see the module docstring),
+    "pallas" or "auto". Every query must see at least one key (true of causal self-attention and
+    of a cache that holds the query's own position); a query that sees none gets NaN.
     """
-    if (q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k.shape[0] != q.shape[0]
-            or k.shape[2:] != q.shape[2:] or v.shape[:3] != k.shape[:3]):
-        raise ValueError(
-            "softmax_attention expects q [B, T, H, K], k [B, S, H, K], v [B, S, H, V] with matching"
-            f" B, H, K and S; got q {q.shape}, k {k.shape}, v {v.shape}")
-    no_offsets = all(isinstance(o, int) and o == 0 for o in (q_offset, k_offset))
-    if no_offsets and k.shape[1] != q.shape[1]:
-        raise ValueError(f"k has {k.shape[1]} positions but q has {q.shape[1]}: pass q_offset "
-                         "when attending to a key/value cache")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be a positive number of tokens or None, got {window}")
-    head_dim = q.shape[3]
-    scale = head_dim**-0.5 if scale is None else scale
-    compute_dtype = jnp.promote_types(q.dtype, jnp.float32)  # float32, or float64 under x64
-    logits = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=compute_dtype) * scale
-    t = q_offset + jnp.arange(q.shape[1])[:, None]
-    s = k_offset + jnp.arange(k.shape[1])[None, :]
-    visible = (s <= t) & (s >= 0)
-    if window is not None:
-        visible &= s > t - window
-    logits = jnp.where(visible, logits, -jnp.inf)
-    weights = jax.nn.softmax(logits, axis=-1)
-    o = jnp.einsum("bhts,bshv->bthv", weights, v.astype(compute_dtype))
+    form = dispatch.resolve("softmax_attention", impl)
+    chunk_size = check_chunk_size(chunk_size)
+    _validate(q, k, v, window, q_offset, k_offset)
+    scale = q.shape[3]**-0.5 if scale is None else scale
+    if q.shape[1] == 0:
+        return jnp.zeros((*q.shape[:3], v.shape[3]), v.dtype)
+    if form == "pallas":
+        return dispatch.kernel("softmax_attention")(
+            q, k, v, window=window, scale=scale, q_offset=q_offset, k_offset=k_offset,
+            chunk_size=chunk_size)
+    o = _softmax_attention(q, k, v, scale, q_offset, k_offset, form, window, chunk_size)
     return o.astype(v.dtype)

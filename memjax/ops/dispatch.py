@@ -36,6 +36,7 @@ FORMS: dict[str, tuple[str, ...]] = {
     "linear_scan": ("reference", "scan", "chunk"),
     "s4d": ("reference", "scan", "conv"),
     "s5": ("reference", "scan", "chunk"),
+    "softmax_attention": ("reference", "chunk"),
 }
 
 
@@ -60,6 +61,7 @@ AUTO: dict[str, dict[str, Choice]] = {
         "linear_scan": Choice("reference", _SSM),
         "s4d": Choice("conv", "docs/results/bench_ssm_scans_batch16.json"),
         "s5": Choice("scan", "docs/results/bench_ssm_scans_batch16.json"),
+        "softmax_attention": Choice("reference", "docs/results/bench_softmax_attention.json"),
     },
 }
 # Accelerators: the chunk forms and the batch-measured CPU choices carry over; the elementwise

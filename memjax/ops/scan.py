@@ -23,6 +23,8 @@ Forms (``impl``):
 - ``"pallas"``: a kernel registered in ``kernels/`` for the platform; ``"auto"``: the form
   ``memjax.ops.dispatch.AUTO`` names (reference on CPU, scan on accelerators).
 
+``linear_scan_step`` advances the state by one token (decoding).
+
 On CPU the token-by-token scan is the fastest form (docs/results/op_dispatch.md,
 docs/results/bench_ssm_scans.json): each step touches only the ``[B, *S]`` state, which stays
 in cache, while the parallel forms stream several passes over ``[B, T, *S]`` arrays.
@@ -41,7 +43,7 @@ from memjax.ops import dispatch
 from memjax.ops._common import acc_dtype, check_chunk_size, from_blocks, scan_over_time
 from memjax.ops._common import state_or_zeros, to_blocks
 
-__all__ = ["linear_scan"]
+__all__ = ["linear_scan", "linear_scan_step"]
 
 DEFAULT_CHUNK_SIZE = 128
 
@@ -72,6 +74,20 @@ def _validate(a, b, initial_state) -> None:
 def _step(h, a_t, b_t):
     h = a_t * h + b_t
     return h, h
+
+
+def linear_scan_step(a_t, b_t, state):
+    """One token of ``h_t = a_t * h_{t-1} + b_t``: a_t, b_t and state ``[B, *S]``.
+
+    Returns ``(h_t, h_t)`` (the output is the new state), both in ``promote_types(dtype(a_t, b_t,
+    state), float32)``, as the sequence form returns them.
+    """
+    a_t, b_t, state = jnp.asarray(a_t), jnp.asarray(b_t), jnp.asarray(state)
+    if a_t.ndim < 1 or b_t.shape != a_t.shape or state.shape != a_t.shape:
+        raise ValueError(f"a_t, b_t and state must have one shape [B, *S]; got a_t "
+                         f"{tuple(a_t.shape)}, b_t {tuple(b_t.shape)}, state {tuple(state.shape)}")
+    acc = acc_dtype(a_t, b_t, state)
+    return _step(state.astype(acc), a_t.astype(acc), b_t.astype(acc))
 
 
 def _reference_form(a, b, h0):

@@ -26,6 +26,12 @@ class UnreadableCheckpoint(CheckpointError):
 LEGACY_MODEL_SETTINGS = {"layers": "", "mixers": {}, "stack_short_convs": True}
 
 
+# Settings that choose how a mixer computes, not what (the operator's form and its chunk, equal
+# up to float rounding): a checkpoint resumes under other values (another platform's kernel) or
+# without them (written before the mixer had the option).
+FORM_SETTINGS = frozenset({"impl", "chunk_size"})
+
+
 def _with_legacy_settings(saved_model: dict) -> dict:
     return {**LEGACY_MODEL_SETTINGS, **saved_model} if isinstance(saved_model, dict) else saved_model
 
@@ -36,7 +42,7 @@ def _differences(saved, current, prefix="") -> list[str]:
         return [] if _normalise(saved) == _normalise(current) else [
             f"{prefix or '<root>'}: checkpoint has {saved!r}, config has {current!r}"]
     out = []
-    for key in sorted(set(saved) | set(current)):
+    for key in sorted((set(saved) | set(current)) - FORM_SETTINGS):
         name = f"{prefix}.{key}" if prefix else key
         if key not in saved or key not in current:
             where = "config" if key not in saved else "checkpoint"

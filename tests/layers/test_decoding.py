@@ -26,6 +26,7 @@ def model_for(mixer_name, **mixer_overrides):
 def decode_cases():
     cases = [(name, {}) for name in MIXERS.names()]
     cases.append(("attention", {"window": 3}))
+    cases.append(("attention", {"window": 5, "impl": "chunk"}))  # query blocks across the prompt
     return cases
 
 

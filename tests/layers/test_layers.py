@@ -212,7 +212,8 @@ def test_registered_mixers():
 
 
 def test_mixer_options_list_exactly_the_configurable_fields():
-    assert mixer_options("attention") == {"num_heads": 1, "window": 0}
+    assert mixer_options("attention") == {"num_heads": 1, "window": 0, "impl": "auto",
+                                          "chunk_size": 64}
     assert mixer_options("linear_attention") == {"num_heads": 2, "chunk_size": 64, "impl": "auto"}
 
 
@@ -227,8 +228,8 @@ def test_build_mixer_sets_fields():
 
 
 def test_build_mixer_unknown_option_raises():
-    with pytest.raises(ValueError, match=r"'attention'.*chunk_size"):
-        build_mixer(D, {"name": "attention", "chunk_size": 8})  # a linear-attention option
+    with pytest.raises(ValueError, match=r"'attention'.*expand_k"):
+        build_mixer(D, {"name": "attention", "expand_k": 2})  # a GLA option
 
 
 def test_unknown_mixer_raises_key_error_listing_known():

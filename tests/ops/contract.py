@@ -308,8 +308,6 @@ def test_bad_input_raises(spec, bad):
 
 
 def test_unknown_impl_lists_the_valid_ones(spec):
-    if spec.op is None:
-        pytest.skip(f"{spec.id} has one form and no impl argument")
     args, h0 = inputs(spec, 9, 5, jnp.float32)
     valid = "|".join(f"'{f}'" for f in spec.forms)
     with pytest.raises(ValueError, match=rf"impl must be one of .*({valid}).*'pallas'.*got 'fast'"):
@@ -317,8 +315,6 @@ def test_unknown_impl_lists_the_valid_ones(spec):
 
 
 def test_pallas_without_kernel_names_op_and_platform(spec):
-    if spec.op is None:
-        pytest.skip(f"{spec.id} has one form and no impl argument")
     args, h0 = inputs(spec, 9, 5, jnp.float32)
     with pytest.raises(
         ValueError,

@@ -306,6 +306,7 @@ LINEAR_SCAN = OpSpec(
     id="linear_scan", op="linear_scan", forms=_forms("linear_scan"),
     run=lambda c: ops.linear_scan(c["a"], c["b"], initial_state=c["initial_state"], impl=c["impl"],
                                   chunk_size=c.get("chunk_size", CHUNK)),
+    step=lambda c, s: ops.linear_scan_step(c["a"], c["b"], s),
     make_inputs=_linear_scan_inputs,
     oracle=lambda a, h0: linear_scan_np(
         a["a"], a["b"], np.zeros(a["a"].shape[:1] + a["a"].shape[2:]) if h0 is None else h0),
@@ -317,12 +318,14 @@ LINEAR_SCAN = OpSpec(
         Bad("state", lambda c: {**c, "initial_state": c["initial_state"][:1]},
             r"initial_state must have shape \[B, \*S\]"),
         Bad("chunk-0", lambda c: {**c, "chunk_size": 0}, r"chunk_size must be a positive int"),
+        Bad("step-state", lambda c: {**c, "state": c["state"][:1]},
+            r"a_t, b_t and state must have one shape", step=True),
     ),
 )
 
 
 # ---------------------------------------------------------------------------------------------
-# Softmax attention: one form, no recurrent state (its cache is the keys and values)
+# Softmax attention: no recurrent state (its cache is the keys and values)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -332,18 +335,20 @@ def _attention_inputs(rng, T):
                 v=rng.normal(size=(B, T, H, V))), None
 
 
-ATTENTION = OpSpec(
-    id="softmax_attention", op=None, forms=("reference",),
-    run=lambda c: (softmax_attention(c["q"], c["k"], c["v"], window=4), None),
-    make_inputs=_attention_inputs,
-    oracle=lambda a, h0: (softmax_attention_np(a["q"], a["k"], a["v"], window=4), None),
-    time_args=("q", "k", "v"), T=11, stateful=False,
-    bad_inputs=(
-        Bad("k-H", lambda c: {**c, "k": c["k"][:, :, :1]}, r"softmax_attention expects q"),
-        Bad("k-T", lambda c: {**c, "k": c["k"][:, :4], "v": c["v"][:, :4]}, r"pass q_offset"),
-    ),
-    f64_tol=1e-12,
-)
+def _attention_spec(id, window):
+    return OpSpec(
+        id=id, op="softmax_attention", forms=_forms("softmax_attention"),
+        run=lambda c: (softmax_attention(c["q"], c["k"], c["v"], window=window, impl=c["impl"],
+                                         chunk_size=CHUNK), None),
+        make_inputs=_attention_inputs,
+        oracle=lambda a, h0: (softmax_attention_np(a["q"], a["k"], a["v"], window=window), None),
+        time_args=("q", "k", "v"), T=11, stateful=False,
+        bad_inputs=(
+            Bad("k-H", lambda c: {**c, "k": c["k"][:, :, :1]}, r"softmax_attention expects q"),
+            Bad("k-T", lambda c: {**c, "k": c["k"][:, :4], "v": c["v"][:, :4]}, r"pass q_offset"),
+        ),
+        f64_tol=1e-12,
+    )
 
 
 SPECS = (
@@ -356,5 +361,6 @@ SPECS = (
     S4D,
     S5,
     LINEAR_SCAN,
-    ATTENTION,
+    _attention_spec("softmax_attention_window", window=4),
+    _attention_spec("softmax_attention_full", window=None),
 )

@@ -127,3 +127,33 @@ def test_bad_window_raises(window):
     q = _arr(1, 4, 1, 2)
     with pytest.raises(ValueError, match=rf"window must be a positive.*got {window}"):
         softmax_attention(q, q, q, window=window)
+
+
+# The chunk form reads a window's keys by position: check it against the oracle where queries
+# and keys are offset (decoding against a cache) and where the window is longer than the keys.
+@pytest.mark.parametrize(
+    "T, S, window, q_offset, k_offset",
+    [
+        (5, 12, None, 7, 0),  # new tokens after a full-length cache (S = q_offset + T)
+        (5, 12, 3, 7, 0),
+        (6, 9, 4, 20, 17),  # a window buffer of 3 old keys then the new ones (k_offset < q_offset)
+        (3, 5, 9, 2, 0),  # window longer than the keys
+        (9, 9, 2, 0, 0),  # several query blocks and a short window
+    ],
+)
+def test_chunk_form_with_offsets_matches_oracle(x64, T, S, window, q_offset, k_offset):
+    rng = np.random.default_rng(T * S)
+    q = 1.5 * rng.normal(size=(B, T, H, K))
+    k, v = 1.5 * rng.normal(size=(B, S, H, K)), rng.normal(size=(B, S, H, V))
+    # The oracle attends a sequence from position 0: place the keys at their absolute positions
+    # (zeros before k_offset are never visible to the queries checked) and the queries at the end.
+    pad = k_offset
+    k_full = np.concatenate([np.zeros((B, pad, H, K)), k], axis=1)
+    v_full = np.concatenate([np.zeros((B, pad, H, V)), v], axis=1)
+    q_full = np.zeros_like(k_full)
+    q_full[:, q_offset:q_offset + T] = q
+    want = softmax_attention_np(q_full, k_full, v_full, window)[:, q_offset:q_offset + T]
+    for impl in ("reference", "chunk"):
+        o = softmax_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), window=window,
+                              q_offset=q_offset, k_offset=k_offset, impl=impl, chunk_size=2)
+        np.testing.assert_allclose(np.asarray(o), want, err_msg=impl, **F64_TOL)

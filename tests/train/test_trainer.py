@@ -374,3 +374,16 @@ def test_checkpoint_from_before_a_setting_existed_resumes_with_its_legacy_value(
                        match=r"model\.stack_short_convs: checkpoint has True, config has False"):
         train(smoke_config(), tmp_path)
     assert train(legacy, tmp_path)["step"] == SMOKE["train.steps"]
+
+
+def test_checkpoint_resumes_under_another_operator_form(tmp_path):
+    """impl and chunk_size say how a mixer computes, not what: a checkpoint resumes with other
+    values, or written before the mixer had them."""
+    with pytest.raises(Crash):
+        train(smoke_config(), tmp_path, hooks=[crash_at(8)])
+    extras_file = tmp_path / "checkpoints" / "7" / "extras" / "metadata"
+    extras = json.loads(extras_file.read_text())
+    del extras["model"]["mixer"]["impl"]
+    extras_file.write_text(json.dumps(extras))
+    other_form = smoke_config(**{"model.mixer.impl": "reference", "model.mixer.chunk_size": 8})
+    assert train(other_form, tmp_path)["step"] == SMOKE["train.steps"]
