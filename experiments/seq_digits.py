@@ -9,8 +9,8 @@ train / 355 test images). Each mixer sits in the same 2-layer model as the other
 (`memjax.config.lm_config`: d_model 64, a width-4 short convolution before each mixer, no MLP).
 
 Preset `cpu` (5 runs, one per mixer: hippo_rnn, lstm, gru, s4d and gated_deltanet; permuted,
-batch 64, 1500 steps, learning rate 3e-3): runs of 55-500 s each on a 2-core CPU (measured;
-18 min in all, so about 10 min with `--parallel 2`; results in docs/results/seq_digits/README.md).
+batch 64, 1500 steps, learning rate 3e-3): runs of 119-697 s each on a 2-core CPU, 12 min for
+the sweep with `--parallel 2` (measured 2026-12-04; results in docs/results/seq_digits/README.md).
 Preset `full`: row-major and permuted, d_model {64, 128}, learning rates {1e-3, 3e-3}, 3000
 steps.
 """
