@@ -20,7 +20,7 @@ RECIPE = {"task.vocab_size": 256, "task.batch_size": 128, "train.steps": 1500,
           "train.eval_every": 100, "train.checkpoint_every": 1500, "train.warmup_steps": 100,
           "train.lr": 1e-2, "train.progress_bar": False}
 
-# mixer -> why it does not solve the setting at this recipe (measured: docs/results/learning_tests.md).
+# mixer -> why it does not solve the setting at this recipe (docs/results/learning_tests.md).
 KNOWN_FAILURES: dict[str, str] = {
     "based": "a prior at d_model 64: 0.238 after 1500 steps, probe 0.224 / 0.235; it leaves the "
              "plateau at d_model 128 (0.992 at step 800) or with the flax init (0.992 at 900)",
