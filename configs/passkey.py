@@ -12,8 +12,8 @@ the query).
 Measured (docs/results/length_extrapolation, 600 steps at lr 3e-3, reference initialisation):
 DeltaNet and Gated DeltaNet solve every slice up to 4x in 300-450 steps; attention is at 0.74
 (depths 0-0.75, 1x) and still climbing at step 600; linear attention, GLA, RetNet and RWKV-7 are
-still on a loss plateau at chance. Linear attention leaves it at step ~1100: give such mixers
-3000 steps (`--config.train.steps=3000`).
+still on a loss plateau at chance. They leave it at steps ~1100 (linear attention) to ~1900
+(GLA, RetNet): give such mixers 3000 steps or more (`--config.train.steps=3000`).
 
 Arguments after `:` (comma-separated): `model=` a registered mixer or a preset (default
 attention), `d_model=` (default 64), `T=` the training length (default 128), `n=` the passkey

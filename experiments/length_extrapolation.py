@@ -12,7 +12,7 @@ Preset `cpu` (8 runs, one per mixer, d_model 64, batch 64, 600 steps, learning r
 stop at 0.99 pooled over every slice): runs of 87-414 s on a shared 2-core CPU (measured;
 results in docs/results/length_extrapolation/README.md). At the reference initialisation 600
 steps leave linear attention, GLA, RetNet and RWKV-7 on their initial plateau (linear attention
-leaves it at step ~1100); the `full` preset's 3000 steps cover it.
+leaves it at step ~1100, RWKV-7 ~1500, GLA and RetNet ~1900: see the study README).
 Preset `full`: d_model {64, 128}, 3000 steps, learning rates {1e-3, 3e-3}, and T=256 training
 with tests to 2048 (8x).
 """
