@@ -37,6 +37,7 @@ FORMS: dict[str, tuple[str, ...]] = {
     "s4d": ("reference", "scan", "conv"),
     "s5": ("reference", "scan", "chunk"),
     "softmax_attention": ("reference", "chunk"),
+    "neural_memory": ("reference", "chunk"),
 }
 
 
@@ -62,6 +63,7 @@ AUTO: dict[str, dict[str, Choice]] = {
         "s4d": Choice("conv", "docs/results/bench_ssm_scans_batch16.json"),
         "s5": Choice("scan", "docs/results/bench_ssm_scans_batch16.json"),
         "softmax_attention": Choice("reference", "docs/results/bench_softmax_attention.json"),
+        "neural_memory": Choice("chunk", "docs/results/bench_neural_memory.json"),
     },
 }
 # Accelerators: the chunk forms and the batch-measured CPU choices carry over; the elementwise
