@@ -152,6 +152,40 @@ def _ssd_inputs(key, a, T):
             _normal(ks[3], a.B, T, a.N))
 
 
+def _memory_spec(architecture, a):
+    return ops.MemorySpec(architecture=architecture, memory_chunk=a.memory_chunk)
+
+
+def _memory_inputs(architecture):
+    """Titans-style inputs: unit q, k; learning rate, forgetting and momentum gates in (0, 1)."""
+    def make(key, a, T):
+        q, k, v = _qkv(key, a.B, T, a.H, a.K, a.V, normalise=True)
+        gates = [jax.nn.sigmoid(_normal(jax.random.fold_in(key, i), a.B, T, a.H) + shift)
+                 for i, shift in ((1, -2.0), (2, -4.0), (3, 2.0))]  # lr, decay, momentum
+        params = ops.init_memory_params(jax.random.fold_in(key, 4), _memory_spec(architecture, a),
+                                        a.H, a.K, a.V)
+        return q, k, v, *gates, params
+    return make
+
+
+def _memory_call(architecture):
+    def call(x, impl, C, a):
+        *arrays, params = x
+        o, state = ops.neural_memory(*arrays, spec=_memory_spec(architecture, a), params=params,
+                                     impl=impl)
+        return o, sum(w.sum() for w in state.weights.values())
+    return call
+
+
+def _memory_flops(architecture):
+    """Per token and head: about 10 flops per memory weight (gradient at the base point, read,
+    momentum and weight update), whatever the form."""
+    def flops(a, T):
+        spec = _memory_spec(architecture, a)
+        return 10 * a.H * sum(o * i for o, i in ops.memory_weight_shapes(spec, a.K, a.V).values())
+    return dict(flops=flops, flop_formula="10*H*(memory weights per head)")
+
+
 CASES = {
     "linear_attention": OpCase(
         _heads(_qkv),
@@ -202,6 +236,10 @@ CASES = {
         lambda x, impl, C, a: (ops.softmax_attention(*x, window=a.window, impl=impl, chunk_size=C),
                                0.0),
         lambda a, T: 2 * a.H * (a.K + a.V) * min(a.window, T), "2*H*(K + V)*min(window, T)"),
+    # Test-time memory (Titans defaults: gd with momentum and decay, window 1), --memory-chunk.
+    "neural_memory_linear": OpCase(_memory_inputs("linear"), _memory_call("linear"),
+                                   **_memory_flops("linear")),
+    "neural_memory_mlp": OpCase(_memory_inputs("mlp"), _memory_call("mlp"), **_memory_flops("mlp")),
 }
 
 
@@ -225,6 +263,8 @@ def bench_one(name, impl, mode, T, args, matmul_gflops) -> dict:
     row = {"op": name, "impl": impl, "mode": mode, "T": T, "B": B, "chunk_size": C}
     if name == "sliding_window_attention":
         row["window"] = args.window
+    if name.startswith("neural_memory"):
+        row["memory_chunk"] = args.memory_chunk
     row |= {dim: getattr(args, dim) for dim in ("H", "K", "V", "D", "N")}
     compiled, compile_s, temp = compile_fn(fn, *inputs)
     row |= {"compile_s": compile_s, "temp_bytes": temp}
@@ -404,6 +444,8 @@ def parse_args(argv):
     p.add_argument("--N", type=int, default=16, help="state per channel (S5: modes) of the scans")
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--window", type=int, default=128, help="sliding_window_attention's window")
+    p.add_argument("--memory-chunk", type=int, default=16,
+                   help="the test-time memories' inner mini-batch (a model property: both forms)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory-limit-gb", type=float, default=8.0)
     p.add_argument("--out", default=None, help="JSON output path (default: stdout only)")

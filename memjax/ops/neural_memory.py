@@ -47,6 +47,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from memjax.ops import dispatch
 from memjax.ops._common import acc_dtype, check_qkv, check_shape
@@ -260,6 +261,7 @@ def _mini_batch(spec: MemorySpec, carry, chunk):
     q, theta, alpha, eta, real, wk, wv, wg = chunk
     b, c = spec.memory_chunk, spec.window
     delta, a = jax.vmap(gradient_factors, (None, None, 0, 0))(spec, base, wk, wv)
+    delta, a = checkpoint_name((delta, a), "memory_gradient_factors")
     is_real = real > 0
     Dm, Pm = _transfer(jnp.where(is_real, eta, 1))  # momentum: S_t = eta_t S_{t-1} + ...
     Dw, Pw = _transfer(jnp.where(is_real, 1 - alpha, 1))  # weights: W_t = (1-alpha_t) W_{t-1} ...
@@ -325,9 +327,13 @@ def _chunk_single(spec, aligned, carry, tokens):
     windows = jnp.arange(n)[:, None] * b + jnp.arange(b + c - 1)[None, :]
     stream = [align(x, h) for x, h in ((k, tail_k), (v, tail_v), (gamma, tail_g))]
     per_window = [x[windows] for x in stream]
-    body = jax.checkpoint(functools.partial(_mini_batch, spec), prevent_cse=False)
-    (W_end, _, S_end, base_last), o = jax.lax.scan(body, (base, W, S, base), (*per_token,
-                                                                              *per_window))
+    # Rematerialised, except the per-token gradient factors ([J, out] and [J, in] per leaf,
+    # small beside the [out, in] state): the backward pass does not redo the gradient pass.
+    body = jax.checkpoint(functools.partial(_mini_batch, spec), prevent_cse=False,
+                          policy=jax.checkpoint_policies.save_only_these_names(
+                              "memory_gradient_factors"))
+    (W_end, _, S_end, base_last), o = jax.lax.scan(
+        body, (base, W, S, base), (*per_token, *per_window))
     offset = 0 if aligned else phase
     o = jax.lax.dynamic_slice_in_dim(o.reshape(n * b, -1), offset, T)
     at_boundary = (offset + T) % b == 0
