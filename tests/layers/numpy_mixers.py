@@ -16,6 +16,7 @@ L2 normalisation 1e-6 under the square root, the normaliser 1e-6 of Based, RWKV-
 
 import numpy as np
 from scipy.linalg import expm
+from scipy.special import erf
 
 RMS_EPS = 1e-6
 L2_EPS = 1e-6
@@ -450,9 +451,99 @@ def hippo_rnn_np(params, x, *, hidden, order, memory_channels, measure="legs", m
     return np.stack(ys, axis=1)
 
 
+# ------------------------------------------------------------------------- test-time memory
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Muon's quintic Newton-Schulz (Jordan et al. 2024)
+
+
+def gelu_erf(z):
+    return 0.5 * z * (1.0 + erf(z / np.sqrt(2.0)))
+
+
+def gelu_erf_slope(z):
+    return 0.5 * (1.0 + erf(z / np.sqrt(2.0))) + z * np.exp(-0.5 * z * z) / np.sqrt(2.0 * np.pi)
+
+
+def memory_mlp_grads(Ws, k, v):
+    """The residual MLP memory `M(x) = W_L gelu(... gelu(W_1 x)) + x` (one matrix: `W k`, no
+    residual) on one token: the gradient of `||M(k) - v||^2` for each matrix, by hand."""
+    hs, zs = [k], []
+    for W in Ws[:-1]:
+        zs.append(W @ hs[-1])
+        hs.append(gelu_erf(zs[-1]))
+    out = Ws[-1] @ hs[-1] + (k if len(Ws) > 1 else 0.0)
+    upstream = 2.0 * (out - v)
+    grads = [None] * len(Ws)
+    for l in range(len(Ws) - 1, -1, -1):
+        grads[l] = np.outer(upstream, hs[l])
+        if l:
+            upstream = (Ws[l].T @ upstream) * gelu_erf_slope(zs[l - 1])
+    return grads
+
+
+def memory_read(Ws, x):
+    h = x
+    for W in Ws[:-1]:
+        h = gelu_erf(W @ h)
+    return Ws[-1] @ h + (x if len(Ws) > 1 else 0.0)
+
+
+def newton_schulz_np(X, steps=5):
+    a, b, c = NS_COEFFS
+    tall = X.shape[0] > X.shape[1]
+    X = X.T if tall else X
+    X = X / (np.sqrt(np.sum(X * X)) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+
+
+def lmm_np(p, x, *, num_heads, architecture, depth, memory_chunk, omega_window, optimizer,
+           momentum, retrieve):
+    """Titans LMM (Behrouz et al. 2025): q, k, v = silu(conv(W x)), q and k unit L2 norm per
+    head; `theta, alpha, eta = sigmoid(W x + b)`; per head a memory of matrices `W_l` (linear:
+    one; mlp: `depth` with exact-erf GELU between and a residual) trained on `||M(k) - v||^2`
+    (summed), each gradient at the weights from the start of its `memory_chunk`-token mini-batch,
+    over the Omega window of the last `omega_window` tokens:
+    gd `S = eta S + theta G, W = (1 - alpha) W - S`; muon `S = eta S + G,
+    W = (1 - alpha) W - theta NS5(S)`; read `M(q_t)` after (or before) the token's store. Then
+    per-head RMSNorm, times `silu(W_g x)`, and `W_out`. Only the l2 loss."""
+    B, T, d = x.shape
+    q, k, v = (heads(silu(causal_conv(p[f"conv_{n}"], dense(p[n], x))), num_heads) for n in "qkv")
+    q, k = l2_unit(q), l2_unit(k)
+    gate = {n: sigmoid(dense(p[n], x) + p[f"{n}_bias"]) for n in ("lr", "decay", "momentum")
+            if n in p}
+    eta = gate["momentum"] if momentum else np.zeros_like(gate["lr"])
+    names = ["w"] if architecture == "linear" else [f"w{l}" for l in range(depth)]
+    o = np.zeros_like(v)
+    for b in range(B):
+        for h in range(num_heads):
+            W = [p["memory"][n][h].copy() for n in names]
+            S = [np.zeros_like(w) for w in W]
+            base = [w.copy() for w in W]
+            for t in range(T):
+                if t % memory_chunk == 0:
+                    base = [w.copy() for w in W]
+                G = [np.zeros_like(w) for w in W]
+                for i in range(max(0, t - omega_window + 1), t + 1):
+                    G = [g + gi for g, gi in zip(G, memory_mlp_grads(base, k[b, i, h], v[b, i, h]))]
+                lr, keep, mom = gate["lr"][b, t, h], 1.0 - gate["decay"][b, t, h], eta[b, t, h]
+                before = [w.copy() for w in W]
+                if optimizer == "gd":
+                    S = [mom * s + lr * g for s, g in zip(S, G)]
+                    W = [keep * w - s for w, s in zip(W, S)]
+                else:
+                    S = [mom * s + g for s, g in zip(S, G)]
+                    W = [keep * w - lr * newton_schulz_np(s) for w, s in zip(W, S)]
+                o[b, t, h] = memory_read(W if retrieve == "after" else before, q[b, t, h])
+    o = rms_norm(o, p["head_norm"]["scale"]).reshape(B, T, d)
+    return dense(p["out"], o * silu(dense(p["gate"], x)))
+
+
 ORACLES = {
     "attention": attention_np, "linear_attention": linear_attention_np, "based": based_np,
     "deltanet": deltanet_np, "gated_deltanet": deltanet_np, "gla": gla_np, "retnet": retnet_np,
     "rwkv7": rwkv7_np, "mamba": mamba_np, "mamba2": mamba2_np, "s4d": s4d_np, "s5": s5_np,
-    "hippo_rnn": hippo_rnn_np, "lstm": lstm_np, "gru": gru_np,
+    "hippo_rnn": hippo_rnn_np, "lstm": lstm_np, "gru": gru_np, "lmm": lmm_np,
 }

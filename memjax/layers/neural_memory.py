@@ -1,0 +1,119 @@
+"""Titans' neural long-term memory as a mixer (LMM; Behrouz et al. 2025, section 4.4)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from memjax.layers import initializers
+from memjax.layers.conv import ShortConv
+from memjax.layers.heads import head_dim, l2_normalize, merge_heads, split_heads
+from memjax.layers.registry import MIXERS
+from memjax.ops import (MemorySpec, init_memory_params, initial_memory_state, neural_memory,
+                        neural_memory_step)
+
+# Initial gate biases (sigmoid of): the learning rate theta = 0.5 (with unit keys and the l2 loss
+# that is a delta-rule beta of 1), the forgetting gate alpha = 0.018 (a memory that keeps about
+# 55 tokens' worth at first), the momentum eta = 0.5 (heavy-ball on the loss's curvature 2 stays
+# stable for every theta <= 1 + eta, and theta <= 1 always).
+GATE_BIASES = {"lr": 0.0, "decay": -4.0, "momentum": 0.0}
+
+
+@MIXERS.register("lmm")
+class NeuralMemory(nn.Module):
+    """Titans LMM: the neural memory alone as the token mixer (``memjax.ops.neural_memory``).
+
+    Per head (K = d_model / num_heads): ``q, k, v = SiLU(ShortConv(W x))`` with q, k
+    L2-normalised; data-dependent ``theta_t = sigmoid(w_lr x_t + b)`` (inner learning rate),
+    ``alpha_t = sigmoid(w_decay x_t + b)`` (forgetting) and ``eta_t = sigmoid(w_momentum x_t +
+    b)`` (momentum); the memory ``M: R^K -> R^K`` (``architecture``, default Titans' depth-2
+    residual MLP) with learned initial weights per head, stored into with every ``(k_t, v_t)``
+    and read with ``q_t``. Output: per-head RMSNorm times ``silu(W_g x)``, then the output
+    projection. ``[B, T, d_model]`` in and out.
+
+    The memory options are ``MemorySpec``'s (``memory_chunk``: the inner mini-batch, a model
+    property; ``omega_window``: ATLAS's Omega window c; ``optimizer="muon"``: ATLAS's). Decoding cache:
+    the ``MemoryState`` (base point, weights and momentum: three copies of the memory weights,
+    plus the Omega window's last c - 1 keys and values), ``started`` and the three convolution
+    histories.
+    """
+
+    own_short_conv = True  # the block adds no short convolution in front (not a field)
+
+    d_model: int
+    num_heads: int = 2
+    conv_size: int = 4
+    architecture: str = "mlp"
+    depth: int = 2
+    expansion: int = 2
+    loss: str = "l2"
+    optimizer: str = "gd"
+    momentum: bool = True
+    memory_chunk: int = 16
+    omega_window: int = 1  # MemorySpec.window (named apart from attention's window)
+    retrieve: str = "after"
+    impl: str = "auto"
+
+    def spec(self) -> MemorySpec:
+        return MemorySpec(architecture=self.architecture, depth=self.depth,
+                          expansion=self.expansion, loss=self.loss, optimizer=self.optimizer,
+                          momentum=self.momentum, memory_chunk=self.memory_chunk,
+                          window=self.omega_window, retrieve=self.retrieve)
+
+    @nn.compact
+    def __call__(self, x, cache=None):
+        heads, spec = self.num_heads, self.spec()
+        dim = head_dim(self.d_model, heads)
+        new_cache, streams = {}, {}
+        for name in ("q", "k", "v"):
+            h = initializers.dense(self.d_model, name=name)(x)
+            conv = ShortConv(self.conv_size, name=f"conv_{name}")
+            if cache is None:
+                h = conv(h)
+            else:
+                h, new_cache[f"conv_{name}"] = conv(h, cache[f"conv_{name}"])
+            streams[name] = split_heads(nn.silu(h), heads)
+        inputs = {"q": l2_normalize(streams["q"]), "k": l2_normalize(streams["k"]),
+                  "v": streams["v"], "momentum": None}
+        for gate, bias in GATE_BIASES.items():
+            if gate == "momentum" and not self.momentum:
+                continue
+            pre = initializers.dense(heads, name=gate)(x)
+            pre = pre.astype(jnp.promote_types(pre.dtype, jnp.float32))  # no bfloat16 gates
+            inputs[gate] = jax.nn.sigmoid(
+                pre + self.param(f"{gate}_bias", nn.initializers.constant(bias), (heads,)))
+        memory = self.param("memory", lambda key: init_memory_params(key, spec, heads, dim, dim))
+        if cache is None:
+            o, _ = neural_memory(**inputs, spec=spec, params=memory, impl=self.impl)
+        else:
+            o, new_cache["memory"] = self._continue(inputs, memory, cache)
+            new_cache["started"] = jnp.ones((), jnp.int32)
+        o = merge_heads(nn.RMSNorm(name="head_norm")(o))
+        o = o * nn.silu(initializers.dense(self.d_model, name="gate")(x))
+        y = initializers.dense_out(self.d_model, name="out")(o)
+        return y if cache is None else (y, new_cache)
+
+    def _continue(self, inputs, memory, cache):
+        """The memory over cached tokens: from the learned initial weights when nothing is cached
+        yet (``init_cache`` cannot see the parameters), else from the cached state."""
+        spec, dim = self.spec(), head_dim(self.d_model, self.num_heads)
+        batch, length = inputs["q"].shape[:2]
+        fresh = initial_memory_state(memory, batch, spec, dim, dim)
+        state = jax.tree_util.tree_map(lambda f, c: jnp.where(cache["started"] > 0, c, f),
+                                       fresh, cache["memory"])
+        if length == 1:
+            o, state = neural_memory_step(**{n: None if a is None else a[:, 0]
+                                             for n, a in inputs.items()},
+                                          gamma=None, state=state, spec=spec)
+            return o[:, None], state
+        return neural_memory(**inputs, spec=spec, initial_state=state, impl=self.impl)
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        del max_len
+        spec, dim = self.spec(), head_dim(self.d_model, self.num_heads)
+        placeholder = jax.tree_util.tree_map(  # replaced by the learned weights on first use
+            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda: init_memory_params(
+                jax.random.key(0), spec, self.num_heads, dim, dim)))
+        conv = ShortConv(self.conv_size, parent=None)
+        return {"memory": initial_memory_state(placeholder, batch_size, spec, dim, dim),
+                "started": jnp.zeros((), jnp.int32),
+                **{f"conv_{n}": conv.init_cache(batch_size, self.d_model) for n in ("q", "k", "v")}}
