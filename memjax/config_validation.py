@@ -71,6 +71,11 @@ MIXER_RULES = {
     "order": int_range(1, 4096),
     "memory_channels": int_range(1, 4096),
     "theta": real_range(0, 1e9, low_open=True),
+    "depth": int_range(2, 64, "memory MLP layers"),
+    "expansion": int_range(1, 64),
+    "memory_chunk": int_range(1, 65536),
+    "omega_window": int_range(1, 65536),
+    "max_lr": real_range(0, 1e3, low_open=True),
 }
 
 RULES = {

@@ -23,7 +23,7 @@ class NeuralMemory(nn.Module):
     """Titans LMM: the neural memory alone as the token mixer (``memjax.ops.neural_memory``).
 
     Per head (K = d_model / num_heads): ``q, k, v = SiLU(ShortConv(W x))`` with q, k
-    L2-normalised; data-dependent ``theta_t = sigmoid(w_lr x_t + b)`` (inner learning rate),
+    L2-normalised; data-dependent ``theta_t = max_lr sigmoid(w_lr x_t + b)`` (inner learning rate),
     ``alpha_t = sigmoid(w_decay x_t + b)`` (forgetting) and ``eta_t = sigmoid(w_momentum x_t +
     b)`` (momentum); the memory ``M: R^K -> R^K`` (``architecture``, default Titans' depth-2
     residual MLP) with learned initial weights per head, stored into with every ``(k_t, v_t)``
@@ -51,6 +51,7 @@ class NeuralMemory(nn.Module):
     memory_chunk: int = 16
     omega_window: int = 1  # MemorySpec.window (named apart from attention's window)
     retrieve: str = "after"
+    max_lr: float = 1.0  # theta = max_lr * sigmoid(...)
     impl: str = "auto"
 
     def spec(self) -> MemorySpec:
@@ -81,6 +82,7 @@ class NeuralMemory(nn.Module):
             pre = pre.astype(jnp.promote_types(pre.dtype, jnp.float32))  # no bfloat16 gates
             inputs[gate] = jax.nn.sigmoid(
                 pre + self.param(f"{gate}_bias", nn.initializers.constant(bias), (heads,)))
+        inputs["lr"] = self.max_lr * inputs["lr"]
         memory = self.param("memory", lambda key: init_memory_params(key, spec, heads, dim, dim))
         if cache is None:
             o, _ = neural_memory(**inputs, spec=spec, params=memory, impl=self.impl)

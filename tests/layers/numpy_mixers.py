@@ -500,9 +500,9 @@ def newton_schulz_np(X, steps=5):
 
 
 def lmm_np(p, x, *, num_heads, architecture, depth, memory_chunk, omega_window, optimizer,
-           momentum, retrieve):
+           momentum, retrieve, max_lr):
     """Titans LMM (Behrouz et al. 2025): q, k, v = silu(conv(W x)), q and k unit L2 norm per
-    head; `theta, alpha, eta = sigmoid(W x + b)`; per head a memory of matrices `W_l` (linear:
+    head; `theta / max_lr, alpha, eta = sigmoid(W x + b)`; per head a memory of matrices `W_l` (linear:
     one; mlp: `depth` with exact-erf GELU between and a residual) trained on `||M(k) - v||^2`
     (summed), each gradient at the weights from the start of its `memory_chunk`-token mini-batch,
     over the Omega window of the last `omega_window` tokens:
@@ -528,7 +528,8 @@ def lmm_np(p, x, *, num_heads, architecture, depth, memory_chunk, omega_window, 
                 G = [np.zeros_like(w) for w in W]
                 for i in range(max(0, t - omega_window + 1), t + 1):
                     G = [g + gi for g, gi in zip(G, memory_mlp_grads(base, k[b, i, h], v[b, i, h]))]
-                lr, keep, mom = gate["lr"][b, t, h], 1.0 - gate["decay"][b, t, h], eta[b, t, h]
+                lr, keep = max_lr * gate["lr"][b, t, h], 1.0 - gate["decay"][b, t, h]
+                mom = eta[b, t, h]
                 before = [w.copy() for w in W]
                 if optimizer == "gd":
                     S = [mom * s + lr * g for s, g in zip(S, G)]

@@ -67,14 +67,16 @@ CASES = [
     # curvature times theta = 0.5 exceeds 2): their outputs are sensitive enough that the
     # float32 norm of l2_normalize shows as 5e-6, and they are checked forward only.
     ("lmm", dict(num_heads=2, architecture="linear", depth=2, memory_chunk=4, omega_window=1,
-                 optimizer="gd", momentum=True, retrieve="after"),
+                 optimizer="gd", momentum=True, retrieve="after", max_lr=1.0),
      (2e-6, 2e-6, 0.2)),  # 2.1e-7 1.9e-7 4.6e-2
     ("lmm", dict(num_heads=2, architecture="mlp", depth=2, memory_chunk=4, omega_window=1,
-                 optimizer="gd", momentum=True, retrieve="after"), (5e-5,)),  # 4.8e-6
+                 optimizer="gd", momentum=True, retrieve="after", max_lr=1.0), (5e-5,)),  # 4.8e-6
     ("lmm", dict(num_heads=2, architecture="linear", depth=2, memory_chunk=4, omega_window=3,
-                 optimizer="muon", momentum=True, retrieve="before"), (1e-6,)),  # 5.2e-8
+                 optimizer="muon", momentum=True, retrieve="before", max_lr=0.5),
+     (1e-6,)),  # 9.1e-8
     ("lmm", dict(num_heads=2, architecture="mlp", depth=2, memory_chunk=1, omega_window=2,
-                 optimizer="gd", momentum=False, retrieve="after"), (1e-5,)),  # 8.4e-7
+                 optimizer="gd", momentum=False, retrieve="after", max_lr=0.3),
+     (1e-6,)),  # 4.8e-8
 ]
 
 
