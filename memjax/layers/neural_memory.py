@@ -1,5 +1,7 @@
 """Titans' neural long-term memory as a mixer (LMM; Behrouz et al. 2025, section 4.4)."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ from memjax.layers.heads import head_dim, l2_normalize, merge_heads, split_heads
 from memjax.layers.registry import MIXERS
 from memjax.ops import (MemorySpec, init_memory_params, initial_memory_state, neural_memory,
                         neural_memory_step)
+from memjax.ops.memory_nets import token_loss
 
 # Initial gate biases (sigmoid of): the learning rate theta = 0.5 (with unit keys and the l2 loss
 # that is a delta-rule beta of 1), the forgetting gate alpha = 0.018 (a memory that keeps about
@@ -85,7 +88,9 @@ class NeuralMemory(nn.Module):
         inputs["lr"] = self.max_lr * inputs["lr"]
         memory = self.param("memory", lambda key: init_memory_params(key, spec, heads, dim, dim))
         if cache is None:
-            o, _ = neural_memory(**inputs, spec=spec, params=memory, impl=self.impl)
+            o, state = neural_memory(**inputs, spec=spec, params=memory, impl=self.impl)
+            if self.is_mutable_collection("metrics"):  # training: inner-loop diagnostics
+                self._sow_diagnostics(inputs, memory, state)
         else:
             o, new_cache["memory"] = self._continue(inputs, memory, cache)
             new_cache["started"] = jnp.ones((), jnp.int32)
@@ -93,6 +98,31 @@ class NeuralMemory(nn.Module):
         o = o * nn.silu(initializers.dense(self.d_model, name="gate")(x))
         y = initializers.dense_out(self.d_model, name="out")(o)
         return y if cache is None else (y, new_cache)
+
+    def _sow_diagnostics(self, inputs, memory, state):
+        """Train metrics of the inner loop, averaged over batch and heads: the inner loss of the
+        sequence's (k, v) pairs at the initial and at the final memory weights, the size of the
+        change ``||W_T - W_0||_F``, and the effective learning rate (mean theta; with momentum
+        theta / (1 - eta), the step a constant gradient settles to)."""
+        spec = self.spec()
+        initial = jax.tree_util.tree_map(lambda w: w[None].astype(jnp.float32), memory)
+        # [B, H, T] losses at per-(batch, head) weights
+        def sequence_loss(weights):
+            per_head = jax.vmap(jax.vmap(functools.partial(token_loss, spec), (None, 0, 0)),
+                                (0, 1, 1))
+            return jax.vmap(per_head, (0, 0, 0))(weights, inputs["k"], inputs["v"])
+
+        final = state.weights
+        start = jax.tree_util.tree_map(lambda w, f: jnp.broadcast_to(w, f.shape), initial, final)
+        self.sow("metrics", "inner_loss_initial_weights", jnp.mean(sequence_loss(start)))
+        self.sow("metrics", "inner_loss_final_weights", jnp.mean(sequence_loss(final)))
+        change = sum(jnp.sum((f - w) ** 2, axis=(-2, -1)) for f, w in
+                     zip(jax.tree_util.tree_leaves(final), jax.tree_util.tree_leaves(start)))
+        self.sow("metrics", "update_norm", jnp.mean(jnp.sqrt(change)))
+        theta = inputs["lr"]
+        if inputs["momentum"] is not None:
+            theta = theta / (1.0 - inputs["momentum"])
+        self.sow("metrics", "effective_lr", jnp.mean(theta))
 
     def _continue(self, inputs, memory, cache):
         """The memory over cached tokens: from the learned initial weights when nothing is cached
