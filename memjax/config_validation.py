@@ -76,6 +76,7 @@ MIXER_RULES = {
     "memory_chunk": int_range(1, 65536),
     "omega_window": int_range(1, 65536),
     "max_lr": real_range(0, 1e3, low_open=True),
+    "feature_degree": int_range(1, 8),
 }
 
 RULES = {

@@ -12,6 +12,7 @@ from memjax.layers.heads import head_dim, l2_normalize, merge_heads, split_heads
 from memjax.layers.registry import MIXERS
 from memjax.ops import (MemorySpec, init_memory_params, initial_memory_state, neural_memory,
                         neural_memory_step)
+from memjax.ops.feature_maps import init_coeff_param, polynomial, polynomial_dim, positive_coeffs
 from memjax.ops.memory_nets import token_loss
 
 # Initial gate biases (sigmoid of): the learning rate theta = 0.5 (with unit keys and the l2 loss
@@ -33,7 +34,10 @@ class NeuralMemory(nn.Module):
     and read with ``q_t``. Output: per-head RMSNorm times ``silu(W_g x)``, then the output
     projection. ``[B, T, d_model]`` in and out.
 
-    The memory options are ``MemorySpec``'s (``memory_chunk``: the inner mini-batch, a model
+    ``feature_map="polynomial"`` (ATLAS): the memory stores and reads ``phi(k)``, ``phi(q)``,
+    the degree-``feature_degree`` polynomial features with learnable per-degree weights
+    (``1/i!`` at init: the exponential kernel's truncation); the MLP memories then drop their
+    residual (``phi(k)`` and v differ in size). The memory options are ``MemorySpec``'s (``memory_chunk``: the inner mini-batch, a model
     property; ``omega_window``: ATLAS's Omega window c; ``optimizer="muon"``: ATLAS's). Decoding cache:
     the ``MemoryState`` (base point, weights and momentum: three copies of the memory weights,
     plus the Omega window's last c - 1 keys and values), ``started`` and the three convolution
@@ -55,18 +59,31 @@ class NeuralMemory(nn.Module):
     omega_window: int = 1  # MemorySpec.window (named apart from attention's window)
     retrieve: str = "after"
     max_lr: float = 1.0  # theta = max_lr * sigmoid(...)
+    feature_map: str = "identity"  # or "polynomial" (ATLAS), applied to the unit q and k
+    feature_degree: int = 2
     impl: str = "auto"
 
     def spec(self) -> MemorySpec:
         return MemorySpec(architecture=self.architecture, depth=self.depth,
                           expansion=self.expansion, loss=self.loss, optimizer=self.optimizer,
                           momentum=self.momentum, memory_chunk=self.memory_chunk,
-                          window=self.omega_window, retrieve=self.retrieve)
+                          window=self.omega_window, retrieve=self.retrieve,
+                          residual=self.feature_map == "identity")
+
+    def memory_dims(self) -> tuple[int, int]:
+        """(input, output) size of each head's memory: (phi's dimension, head dim)."""
+        dim = head_dim(self.d_model, self.num_heads)
+        if self.feature_map == "identity":
+            return dim, dim
+        if self.feature_map == "polynomial":
+            return polynomial_dim(dim, self.feature_degree), dim
+        raise ValueError(f"feature_map must be 'identity' or 'polynomial', got "
+                         f"{self.feature_map!r}")
 
     @nn.compact
     def __call__(self, x, cache=None):
         heads, spec = self.num_heads, self.spec()
-        dim = head_dim(self.d_model, heads)
+        self.memory_dims()  # a clear error for d_model % num_heads or an unknown feature_map
         new_cache, streams = {}, {}
         for name in ("q", "k", "v"):
             h = initializers.dense(self.d_model, name=name)(x)
@@ -76,8 +93,12 @@ class NeuralMemory(nn.Module):
             else:
                 h, new_cache[f"conv_{name}"] = conv(h, cache[f"conv_{name}"])
             streams[name] = split_heads(nn.silu(h), heads)
-        inputs = {"q": l2_normalize(streams["q"]), "k": l2_normalize(streams["k"]),
-                  "v": streams["v"], "momentum": None}
+        q, k = l2_normalize(streams["q"]), l2_normalize(streams["k"])
+        if self.feature_map == "polynomial":  # learnable per-degree weights, 1/i! at init
+            coeffs = positive_coeffs(self.param(
+                "feature_coeffs", lambda key: init_coeff_param(self.feature_degree)))
+            q, k = polynomial(q, coeffs), polynomial(k, coeffs)
+        inputs = {"q": q, "k": k, "v": streams["v"], "momentum": None}
         for gate, bias in GATE_BIASES.items():
             if gate == "momentum" and not self.momentum:
                 continue
@@ -86,7 +107,8 @@ class NeuralMemory(nn.Module):
             inputs[gate] = jax.nn.sigmoid(
                 pre + self.param(f"{gate}_bias", nn.initializers.constant(bias), (heads,)))
         inputs["lr"] = self.max_lr * inputs["lr"]
-        memory = self.param("memory", lambda key: init_memory_params(key, spec, heads, dim, dim))
+        memory = self.param("memory", lambda key: init_memory_params(key, spec, heads,
+                                                                     *self.memory_dims()))
         if cache is None:
             o, state = neural_memory(**inputs, spec=spec, params=memory, impl=self.impl)
             if self.is_mutable_collection("metrics"):  # training: inner-loop diagnostics
@@ -127,9 +149,9 @@ class NeuralMemory(nn.Module):
     def _continue(self, inputs, memory, cache):
         """The memory over cached tokens: from the learned initial weights when nothing is cached
         yet (``init_cache`` cannot see the parameters), else from the cached state."""
-        spec, dim = self.spec(), head_dim(self.d_model, self.num_heads)
         batch, length = inputs["q"].shape[:2]
-        fresh = initial_memory_state(memory, batch, spec, dim, dim)
+        spec = self.spec()
+        fresh = initial_memory_state(memory, batch, spec, *self.memory_dims())
         state = jax.tree_util.tree_map(lambda f, c: jnp.where(cache["started"] > 0, c, f),
                                        fresh, cache["memory"])
         if length == 1:
@@ -141,11 +163,11 @@ class NeuralMemory(nn.Module):
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         del max_len
-        spec, dim = self.spec(), head_dim(self.d_model, self.num_heads)
+        spec, dims = self.spec(), self.memory_dims()
         placeholder = jax.tree_util.tree_map(  # replaced by the learned weights on first use
             lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda: init_memory_params(
-                jax.random.key(0), spec, self.num_heads, dim, dim)))
+                jax.random.key(0), spec, self.num_heads, *dims)))
         conv = ShortConv(self.conv_size, parent=None)
-        return {"memory": initial_memory_state(placeholder, batch_size, spec, dim, dim),
+        return {"memory": initial_memory_state(placeholder, batch_size, spec, *dims),
                 "started": jnp.zeros((), jnp.int32),
                 **{f"conv_{n}": conv.init_cache(batch_size, self.d_model) for n in ("q", "k", "v")}}

@@ -465,13 +465,14 @@ def gelu_erf_slope(z):
 
 
 def memory_mlp_grads(Ws, k, v):
-    """The residual MLP memory `M(x) = W_L gelu(... gelu(W_1 x)) + x` (one matrix: `W k`, no
-    residual) on one token: the gradient of `||M(k) - v||^2` for each matrix, by hand."""
+    """The residual MLP memory `M(x) = W_L gelu(... gelu(W_1 x)) + x` (one matrix: `W k`; no
+    residual when k and v differ in size) on one token: the gradient of `||M(k) - v||^2` for
+    each matrix, by hand."""
     hs, zs = [k], []
     for W in Ws[:-1]:
         zs.append(W @ hs[-1])
         hs.append(gelu_erf(zs[-1]))
-    out = Ws[-1] @ hs[-1] + (k if len(Ws) > 1 else 0.0)
+    out = Ws[-1] @ hs[-1] + (k if len(Ws) > 1 and k.shape == v.shape else 0.0)
     upstream = 2.0 * (out - v)
     grads = [None] * len(Ws)
     for l in range(len(Ws) - 1, -1, -1):
@@ -485,7 +486,8 @@ def memory_read(Ws, x):
     h = x
     for W in Ws[:-1]:
         h = gelu_erf(W @ h)
-    return Ws[-1] @ h + (x if len(Ws) > 1 else 0.0)
+    out = Ws[-1] @ h
+    return out + (x if len(Ws) > 1 and x.shape == out.shape else 0.0)
 
 
 def newton_schulz_np(X, steps=5):
@@ -499,8 +501,18 @@ def newton_schulz_np(X, steps=5):
     return X.T if tall else X
 
 
+def polynomial_features_np(x, raw):
+    """ATLAS's `phi(x) = [sqrt(c_0), sqrt(c_1) x, sqrt(c_2) vec(x x^T), ...]`, c = softplus(raw)."""
+    c = softplus(raw)
+    blocks, power = [np.sqrt(c[0]) * np.ones(x.shape[:-1] + (1,))], np.ones(x.shape[:-1] + (1,))
+    for i in range(1, len(c)):
+        power = (power[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], -1)
+        blocks.append(np.sqrt(c[i]) * power)
+    return np.concatenate(blocks, axis=-1)
+
+
 def lmm_np(p, x, *, num_heads, architecture, depth, memory_chunk, omega_window, optimizer,
-           momentum, retrieve, max_lr):
+           momentum, retrieve, max_lr, feature_map):
     """Titans LMM (Behrouz et al. 2025): q, k, v = silu(conv(W x)), q and k unit L2 norm per
     head; `theta / max_lr, alpha, eta = sigmoid(W x + b)`; per head a memory of matrices `W_l` (linear:
     one; mlp: `depth` with exact-erf GELU between and a residual) trained on `||M(k) - v||^2`
@@ -508,10 +520,13 @@ def lmm_np(p, x, *, num_heads, architecture, depth, memory_chunk, omega_window, 
     over the Omega window of the last `omega_window` tokens:
     gd `S = eta S + theta G, W = (1 - alpha) W - S`; muon `S = eta S + G,
     W = (1 - alpha) W - theta NS5(S)`; read `M(q_t)` after (or before) the token's store. Then
-    per-head RMSNorm, times `silu(W_g x)`, and `W_out`. Only the l2 loss."""
+    per-head RMSNorm, times `silu(W_g x)`, and `W_out`. Only the l2 loss. `feature_map=
+    "polynomial"`: the memory sees ATLAS's features of the unit q and k."""
     B, T, d = x.shape
     q, k, v = (heads(silu(causal_conv(p[f"conv_{n}"], dense(p[n], x))), num_heads) for n in "qkv")
     q, k = l2_unit(q), l2_unit(k)
+    if feature_map == "polynomial":
+        q, k = (polynomial_features_np(a, p["feature_coeffs"]) for a in (q, k))
     gate = {n: sigmoid(dense(p[n], x) + p[f"{n}_bias"]) for n in ("lr", "decay", "momentum")
             if n in p}
     eta = gate["momentum"] if momentum else np.zeros_like(gate["lr"])

@@ -67,16 +67,20 @@ CASES = [
     # curvature times theta = 0.5 exceeds 2): their outputs are sensitive enough that the
     # float32 norm of l2_normalize shows as 5e-6, and they are checked forward only.
     ("lmm", dict(num_heads=2, architecture="linear", depth=2, memory_chunk=4, omega_window=1,
-                 optimizer="gd", momentum=True, retrieve="after", max_lr=1.0),
+                 optimizer="gd", momentum=True, retrieve="after", max_lr=1.0, feature_map="identity"),
      (2e-6, 2e-6, 0.2)),  # 2.1e-7 1.9e-7 4.6e-2
     ("lmm", dict(num_heads=2, architecture="mlp", depth=2, memory_chunk=4, omega_window=1,
-                 optimizer="gd", momentum=True, retrieve="after", max_lr=1.0), (5e-5,)),  # 4.8e-6
+                 optimizer="gd", momentum=True, retrieve="after", max_lr=1.0,
+                 feature_map="identity"), (5e-5,)),  # 4.8e-6
     ("lmm", dict(num_heads=2, architecture="linear", depth=2, memory_chunk=4, omega_window=3,
-                 optimizer="muon", momentum=True, retrieve="before", max_lr=0.5),
-     (1e-6,)),  # 9.1e-8
+                 optimizer="muon", momentum=True, retrieve="before", max_lr=0.5,
+                 feature_map="identity"), (1e-6,)),  # 9.1e-8
     ("lmm", dict(num_heads=2, architecture="mlp", depth=2, memory_chunk=1, omega_window=2,
-                 optimizer="gd", momentum=False, retrieve="after", max_lr=0.3),
-     (1e-6,)),  # 4.8e-8
+                 optimizer="gd", momentum=False, retrieve="after", max_lr=0.3,
+                 feature_map="identity"), (1e-6,)),  # 4.8e-8
+    ("lmm", dict(num_heads=2, architecture="mlp", depth=2, memory_chunk=4, omega_window=2,
+                 optimizer="muon", momentum=True, retrieve="after", max_lr=0.2,
+                 feature_map="polynomial", feature_degree=2), (1e-6,)),  # 5.8e-8
 ]
 
 
