@@ -77,6 +77,7 @@ MIXER_RULES = {
     "omega_window": int_range(1, 65536),
     "max_lr": real_range(0, 1e3, low_open=True),
     "feature_degree": int_range(1, 8),
+    "persistent_tokens": int_range(0, 65536, "0 = none"),
 }
 
 RULES = {

@@ -19,11 +19,15 @@ class Attention(nn.Module):
     tokens seen. `__call__(x, cache)` treats x as the continuation of the cached tokens and
     returns `(y, cache)`. `impl`, `chunk_size`: the operator's form (memjax.ops.softmax_attention;
     "chunk" pays for long sequences with a window, docs/results/op_dispatch.md).
+    `persistent_tokens > 0`: that many learned tokens (Titans' persistent memory, N(0, 0.02^2)
+    at init) pass through the same key/value projection and are seen by every query, whatever
+    its position and window; they are parameters, not part of the decoding cache.
     """
 
     d_model: int
     num_heads: int = 1
     window: int = 0
+    persistent_tokens: int = 0
     impl: str = "auto"
     chunk_size: int = 64
 
@@ -31,16 +35,29 @@ class Attention(nn.Module):
     def __call__(self, x, cache=None):
         batch, seq_len, _ = x.shape
         width = head_dim(self.d_model, self.num_heads)
-        qkv = initializers.dense(3 * self.d_model, name="qkv")(x)
-        q, k, v = jnp.split(qkv.reshape(batch, seq_len, self.num_heads, 3 * width), 3, axis=-1)
+        project = initializers.dense(3 * self.d_model, name="qkv")
+
+        def heads(tokens):  # [B, L, d_model] -> q, k, v [B, L, H, width]
+            qkv = project(tokens).reshape(*tokens.shape[:2], self.num_heads, 3 * width)
+            return jnp.split(qkv, 3, axis=-1)
+
+        q, k, v = heads(x)
+        persistent = None
+        if self.persistent_tokens:
+            tokens = self.param("persistent", nn.initializers.normal(0.02),
+                                (self.persistent_tokens, self.d_model))
+            _, k_p, v_p = heads(jnp.broadcast_to(tokens.astype(x.dtype),
+                                                 (batch, *tokens.shape)))
+            persistent = (k_p, v_p)
         out = initializers.dense_out(self.d_model, name="out")
         if cache is None:
-            o = softmax_attention(q, k, v, window=self.window or None, **self._form())
+            o = softmax_attention(q, k, v, window=self.window or None, persistent=persistent,
+                                  **self._form())
             return out(o.reshape(batch, seq_len, -1))
-        o, new_cache = self._attend_cached(q, k, v, cache)
+        o, new_cache = self._attend_cached(q, k, v, cache, persistent)
         return out(o.astype(x.dtype).reshape(batch, seq_len, -1)), new_cache
 
-    def _attend_cached(self, q, k, v, cache):
+    def _attend_cached(self, q, k, v, cache, persistent):
         """Attention of new tokens to the cache and themselves; returns `(o, new_cache)`."""
         start, seq_len, buffer = cache["length"], q.shape[1], cache["k"].shape[1]
         k, v = k.astype(cache["k"].dtype), v.astype(cache["v"].dtype)
@@ -48,7 +65,8 @@ class Attention(nn.Module):
         if not self._is_window_buffer(buffer):
             keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k, start, axis=1)
             values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v, start, axis=1)
-            o = softmax_attention(q, keys, values, window=window, q_offset=start, **self._form())
+            o = softmax_attention(q, keys, values, window=window, q_offset=start,
+                                  persistent=persistent, **self._form())
             return o, {"k": keys, "v": values, "length": start + seq_len}
         # The buffer holds the last `buffer` tokens in position order (slot j: position
         # start - buffer + j; negative positions are unwritten and masked). The new tokens go
@@ -57,7 +75,7 @@ class Attention(nn.Module):
         keys = jnp.concatenate([cache["k"], k], axis=1)
         values = jnp.concatenate([cache["v"], v], axis=1)
         o = softmax_attention(q, keys, values, window=window, q_offset=start,
-                              k_offset=start - buffer, **self._form())
+                              k_offset=start - buffer, persistent=persistent, **self._form())
         return o, {"k": keys[:, seq_len:], "v": values[:, seq_len:], "length": start + seq_len}
 
     def _form(self) -> dict:

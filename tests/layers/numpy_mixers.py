@@ -90,17 +90,26 @@ def fused_qkv(p, x, num_heads):
 def attention_np(p, x, *, num_heads, window):
     """Causal multi-head softmax attention (Vaswani et al.), `window > 0`: the last W tokens.
 
-    `o_t = sum_{s in [t - W + 1, t]} softmax_s(q_t . k_s / sqrt(w)) v_s`, then `W_out`.
+    `o_t = sum_{s in [t - W + 1, t]} softmax_s(q_t . k_s / sqrt(w)) v_s`, then `W_out`. With
+    persistent tokens (`p["persistent"]`, Titans' persistent memory) their keys and values, from
+    the same projection, join every query's softmax whatever the window.
     """
     q, k, v = fused_qkv(p["qkv"], x, num_heads)
     B, T, _, w = q.shape
+    if "persistent" in p:
+        _, k_p, v_p = fused_qkv(p["qkv"], np.broadcast_to(p["persistent"], (B,) + p["persistent"].shape),
+                                num_heads)
+    else:
+        k_p, v_p = k[:, :0], v[:, :0]
     o = np.zeros_like(q)
     for t in range(T):
         start = max(0, t - window + 1) if window else 0
-        logits = np.einsum("bhw,bshw->bhs", q[:, t], k[:, start : t + 1]) / np.sqrt(w)
+        keys = np.concatenate([k_p, k[:, start : t + 1]], axis=1)
+        values = np.concatenate([v_p, v[:, start : t + 1]], axis=1)
+        logits = np.einsum("bhw,bshw->bhs", q[:, t], keys) / np.sqrt(w)
         weights = np.exp(logits - logits.max(-1, keepdims=True))
         weights /= weights.sum(-1, keepdims=True)
-        o[:, t] = np.einsum("bhs,bshw->bhw", weights, v[:, start : t + 1])
+        o[:, t] = np.einsum("bhs,bshw->bhw", weights, values)
     return dense(p["out"], o.reshape(B, T, -1))
 
 

@@ -27,6 +27,7 @@ def decode_cases():
     cases = [(name, {}) for name in MIXERS.names()]
     cases.append(("attention", {"window": 3}))
     cases.append(("attention", {"window": 5, "impl": "chunk"}))  # query blocks across the prompt
+    cases.append(("attention", {"window": 3, "persistent_tokens": 2}))
     return cases
 
 

@@ -31,6 +31,7 @@ D, T, BATCH = 16, 12, 2
 CASES = [
     ("attention", dict(num_heads=2, window=0), (3e-15, 6e-12, 1.5e-2)),  # 2.7e-16 6.4e-13 3.7e-3
     ("attention", dict(num_heads=2, window=5), (3e-15,)),  # 2.7e-16
+    ("attention", dict(num_heads=2, window=5, persistent_tokens=3), (3e-15,)),  # 2.5e-16
     ("linear_attention", dict(num_heads=2, chunk_size=4), (4e-15, 6e-10, 2e-2)),  # 4.2e-16 6.0e-11 5.3e-3
     ("based", dict(num_heads=2, feature_dim=4, window=0, window_heads=2, chunk_size=4),
      (3e-15, 5e-11, 1.5e-2)),  # 2.6e-16 4.3e-12 3.5e-3

@@ -157,3 +157,35 @@ def test_chunk_form_with_offsets_matches_oracle(x64, T, S, window, q_offset, k_o
         o = softmax_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), window=window,
                               q_offset=q_offset, k_offset=k_offset, impl=impl, chunk_size=2)
         np.testing.assert_allclose(np.asarray(o), want, err_msg=impl, **F64_TOL)
+
+
+def persistent_attention_np(q, k, v, k_p, v_p, window):
+    """Oracle with persistent tokens: each query's softmax runs over the P persistent keys
+    (always visible) and the causal (windowed) keys of the sequence."""
+    T, out = q.shape[1], np.zeros((*q.shape[:3], v.shape[3]))
+    for t in range(T):
+        lo = 0 if window is None else max(0, t - window + 1)
+        keys = np.concatenate([k_p, k[:, lo:t + 1]], axis=1)
+        values = np.concatenate([v_p, v[:, lo:t + 1]], axis=1)
+        logits = np.einsum("bhk,bshk->bhs", q[:, t], keys) / np.sqrt(q.shape[3])
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        out[:, t] = np.einsum("bhs,bshv->bhv", weights / weights.sum(-1, keepdims=True), values)
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("impl", ["reference", "chunk"])
+def test_persistent_tokens_join_every_softmax(x64, window, impl):
+    q, k, v = make_inputs(5, 11)
+    k_p, v_p = make_inputs(6, 2)[1:]
+    got = softmax_attention(*(jnp.asarray(a) for a in (q, k, v)), window=window, impl=impl,
+                            persistent=(jnp.asarray(k_p), jnp.asarray(v_p)), chunk_size=4)
+    np.testing.assert_allclose(got, persistent_attention_np(q, k, v, k_p, v_p, window), **F64_TOL)
+
+
+def test_bad_persistent_raises():
+    q, k, v = (jnp.asarray(a, jnp.float32) for a in make_inputs(0, 5))
+    with pytest.raises(ValueError, match="persistent keys and values must be"):
+        softmax_attention(q, k, v, persistent=(k[:, :2, :1], v[:, :2, :1]))
+    with pytest.raises(ValueError, match="persistent must be a"):
+        softmax_attention(q, k, v, persistent=k)
