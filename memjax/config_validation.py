@@ -78,6 +78,7 @@ MIXER_RULES = {
     "max_lr": real_range(0, 1e3, low_open=True),
     "feature_degree": int_range(1, 8),
     "persistent_tokens": int_range(0, 65536, "0 = none"),
+    "attn_heads": int_range(1, 4096),
 }
 
 RULES = {

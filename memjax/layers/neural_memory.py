@@ -1,5 +1,7 @@
-"""Titans' neural long-term memory as a mixer (LMM; Behrouz et al. 2025, section 4.4)."""
+"""Titans' neural long-term memory as a mixer (LMM; Behrouz et al. 2025, section 4.4), and
+memory-as-a-gate (MAG): the memory beside sliding-window attention."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -7,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from memjax.layers import initializers
+from memjax.layers.attention import Attention
 from memjax.layers.conv import ShortConv
 from memjax.layers.heads import head_dim, l2_normalize, merge_heads, split_heads
 from memjax.layers.registry import MIXERS
@@ -171,3 +174,48 @@ class NeuralMemory(nn.Module):
         return {"memory": initial_memory_state(placeholder, batch_size, spec, *dims),
                 "started": jnp.zeros((), jnp.int32),
                 **{f"conv_{n}": conv.init_cache(batch_size, self.d_model) for n in ("q", "k", "v")}}
+
+
+@MIXERS.register("titans_mag")
+class MemoryAsGate(NeuralMemory):
+    """Titans MAG (memory as a gate, Behrouz et al. 2025, section 4.2).
+
+    Two branches over the same input: sliding-window attention (``window`` tokens, ``attn_heads``
+    heads) whose every query also sees ``persistent_tokens`` learned tokens, and the neural
+    memory (the LMM mixer, every option of ``lmm``); combined as
+    ``W_o (RMSNorm(y_attention) * sigmoid(RMSNorm(y_memory)))``. The paper prepends the
+    persistent tokens to the memory's input too; here the memory's learned initial weights play
+    that part (storing a fixed learned prefix from a learned start is itself a learned start).
+    Decoding cache: the attention window's keys and values and the memory's cache.
+    """
+
+    window: int = 64
+    attn_heads: int = 2
+    persistent_tokens: int = 4
+
+    @nn.compact
+    def __call__(self, x, cache=None):
+        attention = Attention(self.d_model, self.attn_heads, self.window, self.persistent_tokens,
+                              name="attention")
+        memory = NeuralMemory(**self._memory_options(), name="memory")
+        if cache is None:
+            y, m = attention(x), memory(x)
+        else:
+            (y, attention_cache), (m, memory_cache) = (attention(x, cache["attention"]),
+                                                       memory(x, cache["memory"]))
+        gated = (nn.RMSNorm(name="attention_norm")(y)
+                 * jax.nn.sigmoid(nn.RMSNorm(name="memory_norm")(m)))
+        out = initializers.dense_out(self.d_model, name="out")(gated)
+        return out if cache is None else (out, {"attention": attention_cache,
+                                                "memory": memory_cache})
+
+    def _memory_options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(NeuralMemory)
+                if f.name not in ("parent", "name")}
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        attention = Attention(self.d_model, self.attn_heads, self.window, self.persistent_tokens,
+                              parent=None)
+        memory = NeuralMemory(**self._memory_options(), parent=None)
+        return {"attention": attention.init_cache(batch_size, max_len),
+                "memory": memory.init_cache(batch_size, max_len)}

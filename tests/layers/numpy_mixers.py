@@ -566,9 +566,22 @@ def lmm_np(p, x, *, num_heads, architecture, depth, memory_chunk, omega_window, 
     return dense(p["out"], o * silu(dense(p["gate"], x)))
 
 
+def titans_mag_np(p, x, *, num_heads, architecture, depth, memory_chunk, omega_window, optimizer,
+                  momentum, retrieve, max_lr, feature_map, window, attn_heads):
+    """Titans MAG: `W_o (RMSNorm(SWA with persistent tokens (x)) * sigmoid(RMSNorm(LMM(x))))`."""
+    y = attention_np(p["attention"], x, num_heads=attn_heads, window=window)
+    m = lmm_np(p["memory"], x, num_heads=num_heads, architecture=architecture, depth=depth,
+               memory_chunk=memory_chunk, omega_window=omega_window, optimizer=optimizer,
+               momentum=momentum, retrieve=retrieve, max_lr=max_lr, feature_map=feature_map)
+    gated = (rms_norm(y, p["attention_norm"]["scale"])
+             * sigmoid(rms_norm(m, p["memory_norm"]["scale"])))
+    return dense(p["out"], gated)
+
+
 ORACLES = {
     "attention": attention_np, "linear_attention": linear_attention_np, "based": based_np,
     "deltanet": deltanet_np, "gated_deltanet": deltanet_np, "gla": gla_np, "retnet": retnet_np,
     "rwkv7": rwkv7_np, "mamba": mamba_np, "mamba2": mamba2_np, "s4d": s4d_np, "s5": s5_np,
     "hippo_rnn": hippo_rnn_np, "lstm": lstm_np, "gru": gru_np, "lmm": lmm_np,
+    "titans_mag": titans_mag_np,
 }

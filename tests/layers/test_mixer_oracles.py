@@ -82,6 +82,10 @@ CASES = [
     ("lmm", dict(num_heads=2, architecture="mlp", depth=2, memory_chunk=4, omega_window=2,
                  optimizer="muon", momentum=True, retrieve="after", max_lr=0.2,
                  feature_map="polynomial", feature_degree=2), (1e-6,)),  # 5.8e-8
+    ("titans_mag", dict(num_heads=2, architecture="linear", depth=2, memory_chunk=4,
+                        omega_window=1, optimizer="gd", momentum=True, retrieve="after",
+                        max_lr=1.0, feature_map="identity", window=4, attn_heads=2,
+                        persistent_tokens=2), (3e-7, 5e-7, 2.5e-2)),  # 2.8e-8 4.8e-8 6.4e-3
 ]
 
 
