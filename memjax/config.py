@@ -84,7 +84,7 @@ MIXER_PRESETS = {
     # (Muon, an Omega window of 4, degree-2 polynomial features, depth-2 MLP memory); ATLAS's
     # DeepTransformer (Hebbian loss on exp-kernel features: linear attention with exp features)
     # and Dot (the Omega rule on them). MAL is a pattern: model=lmm+swa.
-    "lmm_linear": ("lmm", {"architecture": "linear"}),
+    "lmm_linear": ("lmm", {"architecture": "linear", "max_lr": 1.0}),
     "atlas": ("lmm", {"optimizer": "muon", "omega_window": 4, "feature_map": "polynomial",
                       "feature_degree": 2}),
     "deep_transformer": ("lmm", {"architecture": "linear", "loss": "dot", "momentum": False,

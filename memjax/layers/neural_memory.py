@@ -61,7 +61,10 @@ class NeuralMemory(nn.Module):
     memory_chunk: int = 16
     omega_window: int = 1  # MemorySpec.window (named apart from attention's window)
     retrieve: str = "after"
-    max_lr: float = 1.0  # theta = max_lr * sigmoid(...)
+    # theta = max_lr * sigmoid(...). 1.0 suits a matrix memory on unit keys (the l2 loss's
+    # curvature is 2, so theta <= 1 is a stable step); an MLP memory's curvature grows as its
+    # weights do, and at max_lr 1.0 the default MLP memory diverged (NaN at step 35, MQAR).
+    max_lr: float = 0.1
     feature_map: str = "identity"  # or "polynomial" (ATLAS), applied to the unit q and k
     feature_degree: int = 2
     impl: str = "auto"
