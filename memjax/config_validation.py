@@ -79,6 +79,7 @@ MIXER_RULES = {
     "feature_degree": int_range(1, 8),
     "persistent_tokens": int_range(0, 65536, "0 = none"),
     "attn_heads": int_range(1, 4096),
+    "segment": int_range(1, 65536),
 }
 
 RULES = {

@@ -520,48 +520,78 @@ def polynomial_features_np(x, raw):
     return np.concatenate(blocks, axis=-1)
 
 
+class MemoryNp:
+    """One head's test-time memory, token by token: matrices `W_l` (linear: one; mlp: `depth`
+    with exact-erf GELU between and a residual) trained on `||M(k) - v||^2` (summed), each
+    gradient at the weights from the start of its `chunk`-token mini-batch (counted from the
+    stream's start), over the Omega window of the last `window` tokens:
+    gd `S = eta S + theta G, W = (1 - alpha) W - S`; muon `S = eta S + G,
+    W = (1 - alpha) W - theta NS5(S)`; `store_and_read` returns `M(q_t)` after (or before) the
+    token's store."""
+
+    def __init__(self, weights, *, chunk, window, optimizer, retrieve):
+        self.W = [w.copy() for w in weights]
+        self.S = [np.zeros_like(w) for w in weights]
+        self.base, self.history, self.t = None, [], 0
+        self.chunk, self.window, self.optimizer, self.retrieve = chunk, window, optimizer, retrieve
+
+    def read(self, q):
+        return memory_read(self.W, q)
+
+    def store_and_read(self, k, v, q, lr, keep, mom):
+        if self.t % self.chunk == 0:
+            self.base = [w.copy() for w in self.W]
+        self.history = (self.history + [(k, v)])[-self.window:]
+        G = [np.zeros_like(w) for w in self.W]
+        for ki, vi in self.history:
+            G = [g + gi for g, gi in zip(G, memory_mlp_grads(self.base, ki, vi))]
+        before = [w.copy() for w in self.W]
+        if self.optimizer == "gd":
+            self.S = [mom * s + lr * g for s, g in zip(self.S, G)]
+            self.W = [keep * w - s for w, s in zip(self.W, self.S)]
+        else:
+            self.S = [mom * s + g for s, g in zip(self.S, G)]
+            self.W = [keep * w - lr * newton_schulz_np(s) for w, s in zip(self.W, self.S)]
+        self.t += 1
+        return memory_read(self.W if self.retrieve == "after" else before, q)
+
+
+def memory_heads_np(p, num_heads, B, architecture, depth, **options):
+    """`memories[b][h]`: one `MemoryNp` per batch row and head from `p["memory"]`."""
+    names = ["w"] if architecture == "linear" else [f"w{l}" for l in range(depth)]
+    return [[MemoryNp([p["memory"][n][h] for n in names], **options) for h in range(num_heads)]
+            for _ in range(B)]
+
+
+def memory_gates_np(p, y, max_lr, momentum):
+    """`(theta, keep = 1 - alpha, eta)` `[B, T, H]` from `sigmoid(W y + b)`."""
+    gate = {n: sigmoid(dense(p[n], y) + p[f"{n}_bias"]) for n in ("lr", "decay", "momentum")
+            if n in p}
+    eta = gate["momentum"] if momentum else np.zeros_like(gate["lr"])
+    return max_lr * gate["lr"], 1.0 - gate["decay"], eta
+
+
 def lmm_np(p, x, *, num_heads, architecture, depth, memory_chunk, omega_window, optimizer,
            momentum, retrieve, max_lr, feature_map):
     """Titans LMM (Behrouz et al. 2025): q, k, v = silu(conv(W x)), q and k unit L2 norm per
-    head; `theta / max_lr, alpha, eta = sigmoid(W x + b)`; per head a memory of matrices `W_l` (linear:
-    one; mlp: `depth` with exact-erf GELU between and a residual) trained on `||M(k) - v||^2`
-    (summed), each gradient at the weights from the start of its `memory_chunk`-token mini-batch,
-    over the Omega window of the last `omega_window` tokens:
-    gd `S = eta S + theta G, W = (1 - alpha) W - S`; muon `S = eta S + G,
-    W = (1 - alpha) W - theta NS5(S)`; read `M(q_t)` after (or before) the token's store. Then
-    per-head RMSNorm, times `silu(W_g x)`, and `W_out`. Only the l2 loss. `feature_map=
-    "polynomial"`: the memory sees ATLAS's features of the unit q and k."""
+    head; `theta / max_lr, alpha, eta = sigmoid(W x + b)`; per head a `MemoryNp` stores every
+    (k, v) and reads q. Then per-head RMSNorm, times `silu(W_g x)`, and `W_out`. Only the l2
+    loss. `feature_map="polynomial"`: the memory sees ATLAS's features of the unit q and k."""
     B, T, d = x.shape
     q, k, v = (heads(silu(causal_conv(p[f"conv_{n}"], dense(p[n], x))), num_heads) for n in "qkv")
     q, k = l2_unit(q), l2_unit(k)
     if feature_map == "polynomial":
         q, k = (polynomial_features_np(a, p["feature_coeffs"]) for a in (q, k))
-    gate = {n: sigmoid(dense(p[n], x) + p[f"{n}_bias"]) for n in ("lr", "decay", "momentum")
-            if n in p}
-    eta = gate["momentum"] if momentum else np.zeros_like(gate["lr"])
-    names = ["w"] if architecture == "linear" else [f"w{l}" for l in range(depth)]
+    lr, keep, eta = memory_gates_np(p, x, max_lr, momentum)
+    memories = memory_heads_np(p, num_heads, B, architecture, depth, chunk=memory_chunk,
+                               window=omega_window, optimizer=optimizer, retrieve=retrieve)
     o = np.zeros_like(v)
     for b in range(B):
         for h in range(num_heads):
-            W = [p["memory"][n][h].copy() for n in names]
-            S = [np.zeros_like(w) for w in W]
-            base = [w.copy() for w in W]
             for t in range(T):
-                if t % memory_chunk == 0:
-                    base = [w.copy() for w in W]
-                G = [np.zeros_like(w) for w in W]
-                for i in range(max(0, t - omega_window + 1), t + 1):
-                    G = [g + gi for g, gi in zip(G, memory_mlp_grads(base, k[b, i, h], v[b, i, h]))]
-                lr, keep = max_lr * gate["lr"][b, t, h], 1.0 - gate["decay"][b, t, h]
-                mom = eta[b, t, h]
-                before = [w.copy() for w in W]
-                if optimizer == "gd":
-                    S = [mom * s + lr * g for s, g in zip(S, G)]
-                    W = [keep * w - s for w, s in zip(W, S)]
-                else:
-                    S = [mom * s + g for s, g in zip(S, G)]
-                    W = [keep * w - lr * newton_schulz_np(s) for w, s in zip(W, S)]
-                o[b, t, h] = memory_read(W if retrieve == "after" else before, q[b, t, h])
+                o[b, t, h] = memories[b][h].store_and_read(k[b, t, h], v[b, t, h], q[b, t, h],
+                                                           lr[b, t, h], keep[b, t, h],
+                                                           eta[b, t, h])
     o = rms_norm(o, p["head_norm"]["scale"]).reshape(B, T, d)
     return dense(p["out"], o * silu(dense(p["gate"], x)))
 
@@ -578,10 +608,63 @@ def titans_mag_np(p, x, *, num_heads, architecture, depth, memory_chunk, omega_w
     return dense(p["out"], gated)
 
 
+def titans_mac_np(p, x, *, num_heads, architecture, depth, memory_chunk, omega_window, optimizer,
+                  momentum, retrieve, max_lr, segment, attn_heads, persistent_tokens):
+    """Titans MAC (Behrouz et al. 2025, section 4.1), per segment S of `segment` tokens, in the
+    paper's order: retrieve `h = M_{t-1}(q)` with `q = l2norm(silu(conv(W_r x)))` from the memory
+    before the segment; attend causally over `[P || h || S]` (P always visible; `h_j`, `S_j`
+    from position j); store the attention output y into the memory (q, k, v =
+    silu(W y), q and k unit; gates from y), reading each token after its store; output
+    `W_o (RMSNorm(y) * sigmoid(RMSNorm(read)))`."""
+    B, T, d = x.shape
+    ps = p["segment"]
+    queries = l2_unit(heads(silu(causal_conv(p["conv_retrieve"], dense(p["retrieve"], x))),
+                            num_heads))
+    memories = memory_heads_np(p, num_heads, B, architecture, depth, chunk=memory_chunk,
+                               window=omega_window, optimizer=optimizer, retrieve=retrieve)
+    if persistent_tokens:
+        tokens = np.broadcast_to(ps["persistent"], (B,) + ps["persistent"].shape)
+        _, k_p, v_p = fused_qkv(ps["qkv"], tokens, attn_heads)
+    out = []
+    for start in range(0, T, segment):
+        xs, qs = x[:, start:start + segment], queries[:, start:start + segment]
+        L = xs.shape[1]
+        h = np.stack([np.stack([[memories[b][hd].read(qs[b, i, hd]) for hd in range(num_heads)]
+                                for i in range(L)]) for b in range(B)]).reshape(B, L, d)
+        q, k_s, v_s = fused_qkv(ps["qkv"], xs, attn_heads)
+        _, k_h, v_h = fused_qkv(ps["qkv"], h, attn_heads)
+        attended = np.zeros_like(q)
+        for i in range(L):
+            keys = [k_h[:, :i + 1], k_s[:, :i + 1]]
+            values = [v_h[:, :i + 1], v_s[:, :i + 1]]
+            if persistent_tokens:
+                keys, values = [k_p] + keys, [v_p] + values
+            keys, values = np.concatenate(keys, axis=1), np.concatenate(values, axis=1)
+            logits = np.einsum("bhw,bshw->bhs", q[:, i], keys) / np.sqrt(q.shape[-1])
+            weights = np.exp(logits - logits.max(-1, keepdims=True))
+            attended[:, i] = np.einsum("bhs,bshw->bhw", weights / weights.sum(-1, keepdims=True),
+                                       values)
+        y = dense(ps["attention_out"], attended.reshape(B, L, d))
+        sq, sk, sv = (heads(silu(dense(ps[f"store_{n}"], y)), num_heads) for n in "qkv")
+        sq, sk = l2_unit(sq), l2_unit(sk)
+        lr, keep, eta = memory_gates_np(ps, y, max_lr, momentum)
+        read = np.zeros_like(sv)
+        for b in range(B):
+            for hd in range(num_heads):
+                for i in range(L):
+                    read[b, i, hd] = memories[b][hd].store_and_read(
+                        sk[b, i, hd], sv[b, i, hd], sq[b, i, hd], lr[b, i, hd], keep[b, i, hd],
+                        eta[b, i, hd])
+        read = rms_norm(read, ps["memory_norm"]["scale"]).reshape(B, L, d)
+        gated = rms_norm(y, ps["attention_norm"]["scale"]) * sigmoid(read)
+        out.append(dense(ps["out"], gated))
+    return np.concatenate(out, axis=1)
+
+
 ORACLES = {
     "attention": attention_np, "linear_attention": linear_attention_np, "based": based_np,
     "deltanet": deltanet_np, "gated_deltanet": deltanet_np, "gla": gla_np, "retnet": retnet_np,
     "rwkv7": rwkv7_np, "mamba": mamba_np, "mamba2": mamba2_np, "s4d": s4d_np, "s5": s5_np,
     "hippo_rnn": hippo_rnn_np, "lstm": lstm_np, "gru": gru_np, "lmm": lmm_np,
-    "titans_mag": titans_mag_np,
+    "titans_mag": titans_mag_np, "titans_mac": titans_mac_np,
 }

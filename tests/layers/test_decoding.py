@@ -28,6 +28,7 @@ def decode_cases():
     cases.append(("attention", {"window": 3}))
     cases.append(("attention", {"window": 5, "impl": "chunk"}))  # query blocks across the prompt
     cases.append(("attention", {"window": 3, "persistent_tokens": 2}))
+    cases.append(("titans_mac", {"segment": 4}))  # decoding crosses segment boundaries
     return cases
 
 

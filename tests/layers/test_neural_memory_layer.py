@@ -41,3 +41,16 @@ def test_decoding_from_an_empty_cache_uses_the_learned_initial_memory():
     first, cache = layer.apply({"params": params}, x[:, :1], cache)
     np.testing.assert_allclose(first, full[:, :1], rtol=1e-5, atol=1e-5)
     assert int(cache["started"]) == 1
+
+
+def test_mac_prefill_must_start_at_a_segment_boundary():
+    """A multi-token call with a cache mid-segment cannot be computed exactly: NaN, not a
+    plausible wrong answer."""
+    layer = build_mixer(D, {"name": "titans_mac", "segment": 4})
+    x = jax.random.normal(jax.random.key(0), (2, 6, D))
+    params = layer.init(jax.random.key(1), x)["params"]
+    cache = layer.init_cache(2, 6)
+    y, cache = layer.apply({"params": params}, x[:, :1], cache)  # one token: mid-segment
+    assert np.all(np.isfinite(y))
+    y, _ = layer.apply({"params": params}, x[:, 1:], cache)
+    assert np.all(np.isnan(y))
