@@ -66,7 +66,7 @@ class _Segment(nn.Module):
         logits = jnp.einsum("bthw,bshw->bhts", q, keys, preferred_element_type=dtype)
         weights = jax.nn.softmax(jnp.where(visible, logits * width**-0.5, -jnp.inf), axis=-1)
         attended = jnp.einsum("bhts,bshw->bthw", weights, values.astype(dtype)).astype(x.dtype)
-        y = initializers.dense_out(self.d_model, name="attention_out")(
+        y = initializers.dense(self.d_model, name="attention_out")(
             attended.reshape(B, C, self.d_model))
 
         store = {name: split_heads(nn.silu(initializers.dense(self.d_model, name=f"store_{name}")(y)),
@@ -116,9 +116,9 @@ class MemoryAsContext(NeuralMemory):
         spec, dims = self.spec(), self.memory_dims()
         if self.feature_map != "identity":
             raise ValueError("titans_mac supports feature_map='identity' only")
-        conv = ShortConv(self.conv_size, name="conv_retrieve")
+        conv = ShortConv(self.conv_size, name="conv_q")
         q = initializers.dense(self.d_model, name="retrieve")(x)
-        q, conv_cache = (conv(q), None) if cache is None else conv(q, cache["conv_retrieve"])
+        q, conv_cache = (conv(q), None) if cache is None else conv(q, cache["conv_q"])
         queries = l2_normalize(split_heads(nn.silu(q), self.num_heads))
         memory = self.param("memory", lambda key: init_memory_params(key, spec, self.num_heads,
                                                                      *dims))
@@ -137,7 +137,7 @@ class MemoryAsContext(NeuralMemory):
             y, new_cache = self._decode(segments, state, queries, x, cache)
         else:
             y, new_cache = self._prefill(segments, state, queries, x, cache)
-        return y, new_cache | {"conv_retrieve": conv_cache, "started": jnp.ones((), jnp.int32)}
+        return y, new_cache | {"conv_q": conv_cache, "started": jnp.ones((), jnp.int32)}
 
     def _split(self, a, n):
         """``[B, n * C, ...]`` -> ``[n, B, C, ...]`` (the scan's leading axis)."""
@@ -196,4 +196,4 @@ class MemoryAsContext(NeuralMemory):
                 "queries": jnp.zeros((batch_size, self.segment, self.num_heads, dim)),
                 "x": jnp.zeros((batch_size, self.segment, self.d_model)),
                 "count": jnp.zeros((), jnp.int32), "started": jnp.zeros((), jnp.int32),
-                "conv_retrieve": conv.init_cache(batch_size, self.d_model)}
+                "conv_q": conv.init_cache(batch_size, self.d_model)}

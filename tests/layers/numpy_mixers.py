@@ -618,7 +618,7 @@ def titans_mac_np(p, x, *, num_heads, architecture, depth, memory_chunk, omega_w
     `W_o (RMSNorm(y) * sigmoid(RMSNorm(read)))`."""
     B, T, d = x.shape
     ps = p["segment"]
-    queries = l2_unit(heads(silu(causal_conv(p["conv_retrieve"], dense(p["retrieve"], x))),
+    queries = l2_unit(heads(silu(causal_conv(p["conv_q"], dense(p["retrieve"], x))),
                             num_heads))
     memories = memory_heads_np(p, num_heads, B, architecture, depth, chunk=memory_chunk,
                                window=omega_window, optimizer=optimizer, retrieve=retrieve)

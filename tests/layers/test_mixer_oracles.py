@@ -87,11 +87,13 @@ CASES = [
                         max_lr=1.0, feature_map="identity", window=4, attn_heads=2,
                         persistent_tokens=2), (3e-7, 5e-7, 2.5e-2)),  # 2.8e-8 4.8e-8 6.4e-3
     # Segments of 5 over T = 12 (the last one partial), memory mini-batches of 3 across them;
-    # also the test that MAC retrieves from the memory before the segment: the oracle does.
+    # also the test that MAC retrieves from the memory before the segment: the oracle does. Its
+    # gradient error is the finite difference's (per leaf it falls 10-1000x from eps 1e-3 to
+    # 1e-4: a strongly curved output), not the layer's.
     ("titans_mac", dict(num_heads=2, architecture="linear", depth=2, memory_chunk=3,
                         omega_window=2, optimizer="gd", momentum=True, retrieve="after",
                         max_lr=1.0, segment=5, attn_heads=2, persistent_tokens=2),
-     (2e-6, 1.5e-5, 0.3)),  # 2.1e-7 1.3e-6 7.7e-2
+     (3e-6, 3e-3, 0.25)),  # 2.9e-7 3.1e-4 5.4e-2
     ("titans_mac", dict(num_heads=2, architecture="mlp", depth=2, memory_chunk=4,
                         omega_window=1, optimizer="muon", momentum=True, retrieve="before",
                         max_lr=0.2, segment=4, attn_heads=2, persistent_tokens=0), (1e-6,)),
