@@ -1,0 +1,53 @@
+"""Test-time memories (Titans, ATLAS) against Gated DeltaNet and attention: recall and passkey.
+
+    python scripts/sweep.py experiments/test_time_memory.py --preset cpu --parallel 2
+    python scripts/report.py runs/sweeps/test_time_memory --out docs/results/test_time_memory
+
+Mixers at matched width (d_model 64, 2 layers; the report lists each model's decoding state in
+bytes): Titans' LMM with a matrix memory (`lmm_linear`) and with its depth-2 MLP memory (`lmm`),
+MAC (`titans_mac`), MAG (`titans_mag`), MAL (the pattern `lmm+swa`: memory layer, then
+sliding-window attention), ATLAS (`atlas`: Muon, Omega window 4, polynomial features, MLP
+memory) and Dot (`dot`: the Omega rule on polynomial features, matrix memory), beside
+`gated_deltanet` and `attention`.
+
+Preset `cpu`: MQAR at growing numbers of pairs (Zoology's T=64 segments: 4, 8 and 16 pairs,
+`mixture=t64`, vocab 256) with the learning-test recipe (batch 128, AdamW lr 1e-2, 100 warm-up
+steps, cosine over 1500 steps, early stop at 0.99), and passkey retrieval trained at T=128 and
+tested at 1x, 2x and 4x (`configs/passkey.py`; lr 3e-3, 1500 steps: length_extrapolation's 600
+steps left several mixers on their plateau). Preset `full`: d_model {64, 128}, learning rates
+{1e-3, 3e-3, 1e-2}, 3000 steps.
+"""
+
+PRESETS = ("cpu", "full")
+MIXERS = ("lmm_linear", "lmm", "titans_mac", "titans_mag", "lmm+swa", "atlas", "dot",
+          "gated_deltanet", "attention")
+MQAR_RECIPE = {"task.vocab_size": 256, "task.batch_size": 128, "train.eval_every": 100,
+               "train.checkpoint_every": 500, "train.warmup_steps": 100}
+PASSKEY_RECIPE = {"train.eval_every": 150, "train.checkpoint_every": 300,
+                  "train.warmup_steps": 50}
+
+
+def _name(mixer: str) -> str:
+    return mixer.replace("+", "_then_")
+
+
+def runs(preset: str) -> list[dict]:
+    if preset == "cpu":
+        grid, steps = [(64, None)], 1500
+    elif preset == "full":
+        grid, steps = [(d, lr) for d in (64, 128) for lr in (1e-3, 3e-3, 1e-2)], 3000
+    else:
+        raise ValueError(f"unknown preset {preset!r}; known: cpu, full")
+    out = []
+    for d, lr in grid:
+        suffix = f"_d{d}" + ("" if lr is None else f"_lr{lr:g}")
+        for mixer in MIXERS:
+            out.append({"name": f"mqar_{_name(mixer)}{suffix}",
+                        "config": f"configs/mqar.py:model={mixer},d_model={d},mixture=t64",
+                        "overrides": MQAR_RECIPE | {"train.steps": steps,
+                                                    "train.lr": lr or 1e-2}})
+            out.append({"name": f"passkey_{_name(mixer)}{suffix}",
+                        "config": f"configs/passkey.py:model={mixer},d_model={d},T=128,max_mult=4",
+                        "overrides": PASSKEY_RECIPE | {"train.steps": steps,
+                                                       "train.lr": lr or 3e-3}})
+    return out
