@@ -4,7 +4,7 @@
     python scripts/report.py runs/sweeps/test_time_memory --out docs/results/test_time_memory
 
 Mixers at matched width (d_model 64, 2 layers; the report lists each model's decoding state in
-bytes): Titans' LMM with a matrix memory (`lmm_linear`) and with its depth-2 MLP memory (`lmm`),
+bytes): Titans' LMM with a matrix memory (`lmm`) and with its depth-2 MLP memory (`lmm_mlp`),
 MAC (`titans_mac`), MAG (`titans_mag`), MAL (the pattern `lmm+swa`: memory layer, then
 sliding-window attention), ATLAS (`atlas`: Muon, Omega window 4, polynomial features, MLP
 memory) and Dot (`dot`: the Omega rule on polynomial features, matrix memory), beside
@@ -19,7 +19,7 @@ steps left several mixers on their plateau). Preset `full`: d_model {64, 128}, l
 """
 
 PRESETS = ("cpu", "full")
-MIXERS = ("lmm_linear", "lmm", "titans_mac", "titans_mag", "lmm+swa", "atlas", "dot",
+MIXERS = ("lmm", "lmm_mlp", "titans_mac", "titans_mag", "lmm+swa", "atlas", "dot",
           "gated_deltanet", "attention")
 MQAR_RECIPE = {"task.vocab_size": 256, "task.batch_size": 128, "train.eval_every": 100,
                "train.checkpoint_every": 500, "train.warmup_steps": 100}

@@ -80,13 +80,14 @@ MIXER_PRESETS = {
     # head_dim 8: even the smoke size (d_model 16, 4 heads) keeps learned heads beside the two
     # fixed ones. Its unpolarized twin: model=mamba2 --config.model.mixer.head_dim=8.
     "mamba2_polarized": ("mamba2", {"polarized": True, "head_dim": 8}),
-    # Test-time memories (memjax.layers.neural_memory): Titans' LMM with a matrix memory; ATLAS
-    # (Muon, an Omega window of 4, degree-2 polynomial features, depth-2 MLP memory); ATLAS's
-    # DeepTransformer (Hebbian loss on exp-kernel features: linear attention with exp features)
-    # and Dot (the Omega rule on them). MAL is a pattern: model=lmm+swa.
-    "lmm_linear": ("lmm", {"architecture": "linear", "max_lr": 1.0}),
-    "atlas": ("lmm", {"optimizer": "muon", "omega_window": 4, "feature_map": "polynomial",
-                      "feature_degree": 2}),
+    # Test-time memories (memjax.layers.neural_memory; `lmm` has a matrix memory): Titans' LMM
+    # with its depth-2 MLP memory (max_lr 0.1: it diverged at 1.0); ATLAS (Muon, an Omega window
+    # of 4, degree-2 polynomial features, depth-2 MLP memory); ATLAS's DeepTransformer (Hebbian
+    # loss on exp-kernel features: linear attention with exp features) and Dot (the Omega rule
+    # on them). MAL is a pattern: model=lmm+swa.
+    "lmm_mlp": ("lmm", {"architecture": "mlp", "max_lr": 0.1}),
+    "atlas": ("lmm", {"architecture": "mlp", "max_lr": 0.1, "optimizer": "muon",
+                      "omega_window": 4, "feature_map": "polynomial", "feature_degree": 2}),
     "deep_transformer": ("lmm", {"architecture": "linear", "loss": "dot", "momentum": False,
                                  "feature_map": "polynomial", "feature_degree": 2}),
     "dot": ("lmm", {"architecture": "linear", "omega_window": 4, "feature_map": "polynomial",

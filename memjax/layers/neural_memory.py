@@ -32,8 +32,8 @@ class NeuralMemory(nn.Module):
     Per head (K = d_model / num_heads): ``q, k, v = SiLU(ShortConv(W x))`` with q, k
     L2-normalised; data-dependent ``theta_t = max_lr sigmoid(w_lr x_t + b)`` (inner learning rate),
     ``alpha_t = sigmoid(w_decay x_t + b)`` (forgetting) and ``eta_t = sigmoid(w_momentum x_t +
-    b)`` (momentum); the memory ``M: R^K -> R^K`` (``architecture``, default Titans' depth-2
-    residual MLP) with learned initial weights per head, stored into with every ``(k_t, v_t)``
+    b)`` (momentum); the memory ``M: R^K -> R^K`` (``architecture``: a matrix by default,
+    Titans' depth-2 residual MLP with ``"mlp"``) with learned initial weights per head, stored into with every ``(k_t, v_t)``
     and read with ``q_t``. Output: per-head RMSNorm times ``silu(W_g x)``, then the output
     projection. ``[B, T, d_model]`` in and out.
 
@@ -52,7 +52,10 @@ class NeuralMemory(nn.Module):
     d_model: int
     num_heads: int = 2
     conv_size: int = 4
-    architecture: str = "mlp"
+    # A matrix memory by default: it is stable for every theta <= 1 (the l2 loss's curvature on
+    # unit keys is 2). Titans' depth-2 MLP memory is `architecture="mlp"` (preset lmm_mlp): its
+    # curvature grows with its weights, and at max_lr 1.0 it diverged on MQAR (NaN at step 35).
+    architecture: str = "linear"
     depth: int = 2
     expansion: int = 2
     loss: str = "l2"
@@ -61,10 +64,7 @@ class NeuralMemory(nn.Module):
     memory_chunk: int = 16
     omega_window: int = 1  # MemorySpec.window (named apart from attention's window)
     retrieve: str = "after"
-    # theta = max_lr * sigmoid(...). 1.0 suits a matrix memory on unit keys (the l2 loss's
-    # curvature is 2, so theta <= 1 is a stable step); an MLP memory's curvature grows as its
-    # weights do, and at max_lr 1.0 the default MLP memory diverged (NaN at step 35, MQAR).
-    max_lr: float = 0.1
+    max_lr: float = 1.0  # theta = max_lr * sigmoid(...)
     feature_map: str = "identity"  # or "polynomial" (ATLAS), applied to the unit q and k
     feature_degree: int = 2
     impl: str = "auto"
