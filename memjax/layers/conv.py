@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from memjax.layers import initializers
+from memjax.layers.heads import split_heads
 
 
 class ShortConv(nn.Module):
@@ -32,3 +33,21 @@ class ShortConv(nn.Module):
 
     def init_cache(self, batch_size: int, channels: int):
         return jnp.zeros((batch_size, self.kernel_size - 1, channels), jnp.float32)
+
+
+def conv_silu_heads(x, names, num_heads: int, conv_size: int, cache=None):
+    """``SiLU(ShortConv(W_n x))`` split into heads, for each stream n in ``names`` (the q, k, v of
+    the delta-rule and test-time-memory mixers). Call inside a compact module: it creates the
+    Dense ``n`` and the ShortConv ``conv_n`` there. Returns ``(streams [B, T, H, D / H] by name,
+    new convolution caches by "conv_n")`` (the caches are empty without ``cache``)."""
+    d_model = x.shape[-1]
+    streams, new_cache = {}, {}
+    for name in names:
+        h = initializers.dense(d_model, name=name)(x)
+        conv = ShortConv(conv_size, name=f"conv_{name}")
+        if cache is None:
+            h = conv(h)
+        else:
+            h, new_cache[f"conv_{name}"] = conv(h, cache[f"conv_{name}"])
+        streams[name] = split_heads(nn.silu(h), num_heads)
+    return streams, new_cache

@@ -4,9 +4,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memjax.layers.conv import ShortConv
-from memjax.layers.heads import (head_dim, l2_normalize, merge_heads, run_recurrent,
-                                 split_heads)
+from memjax.layers.conv import ShortConv, conv_silu_heads
+from memjax.layers.heads import head_dim, l2_normalize, merge_heads, run_recurrent
 from memjax.layers.initializers import dt_bias_init
 from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
@@ -41,16 +40,7 @@ class DeltaNet(nn.Module):
     def __call__(self, x, cache=None):
         heads = self.num_heads
         head_dim(self.d_model, heads)
-        new_cache = {}
-        streams = {}
-        for name in ("q", "k", "v"):
-            h = initializers.dense(self.d_model, name=name)(x)
-            conv = ShortConv(self.conv_size, name=f"conv_{name}")
-            if cache is None:
-                h = conv(h)
-            else:
-                h, new_cache[f"conv_{name}"] = conv(h, cache[f"conv_{name}"])
-            streams[name] = split_heads(nn.silu(h), heads)
+        streams, new_cache = conv_silu_heads(x, "qkv", heads, self.conv_size, cache)
         q, k = l2_normalize(streams["q"]), l2_normalize(streams["k"])
         beta = initializers.dense(heads, name="beta", bias=True)(x)
         beta = jax.nn.sigmoid(beta.astype(jnp.float32))

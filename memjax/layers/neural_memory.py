@@ -10,8 +10,8 @@ import jax.numpy as jnp
 
 from memjax.layers import initializers
 from memjax.layers.attention import Attention
-from memjax.layers.conv import ShortConv
-from memjax.layers.heads import head_dim, l2_normalize, merge_heads, split_heads
+from memjax.layers.conv import ShortConv, conv_silu_heads
+from memjax.layers.heads import head_dim, l2_normalize, merge_heads
 from memjax.layers.registry import MIXERS
 from memjax.ops import (MemorySpec, init_memory_params, initial_memory_state, neural_memory,
                         neural_memory_step)
@@ -23,6 +23,23 @@ from memjax.ops.memory_nets import token_loss
 # 55 tokens' worth at first), the momentum eta = 0.5 (heavy-ball on the loss's curvature 2 stays
 # stable for every theta <= 1 + eta, and theta <= 1 always).
 GATE_BIASES = {"lr": 0.0, "decay": -4.0, "momentum": 0.0}
+
+
+def memory_gates(module: nn.Module, x, heads: int, momentum: bool, max_lr: float) -> dict:
+    """The memory's data-dependent gates from x ``[B, T, D]``, each ``[B, T, H]``, in at least
+    float32: ``lr = max_lr sigmoid(W x + b)`` (theta), ``decay`` (alpha) and, when ``momentum``,
+    ``momentum`` (eta; else None). Creates the Dense layers and biases in ``module`` (call it
+    from a compact method)."""
+    gates = {"momentum": None}
+    for gate, bias in GATE_BIASES.items():
+        if gate == "momentum" and not momentum:
+            continue
+        pre = initializers.dense(heads, name=gate)(x)
+        pre = pre.astype(jnp.promote_types(pre.dtype, jnp.float32))  # no bfloat16 gates
+        gates[gate] = jax.nn.sigmoid(
+            pre + module.param(f"{gate}_bias", nn.initializers.constant(bias), (heads,)))
+    gates["lr"] = max_lr * gates["lr"]
+    return gates
 
 
 @MIXERS.register("lmm")
@@ -90,29 +107,14 @@ class NeuralMemory(nn.Module):
     def __call__(self, x, cache=None):
         heads, spec = self.num_heads, self.spec()
         self.memory_dims()  # a clear error for d_model % num_heads or an unknown feature_map
-        new_cache, streams = {}, {}
-        for name in ("q", "k", "v"):
-            h = initializers.dense(self.d_model, name=name)(x)
-            conv = ShortConv(self.conv_size, name=f"conv_{name}")
-            if cache is None:
-                h = conv(h)
-            else:
-                h, new_cache[f"conv_{name}"] = conv(h, cache[f"conv_{name}"])
-            streams[name] = split_heads(nn.silu(h), heads)
+        streams, new_cache = conv_silu_heads(x, "qkv", heads, self.conv_size, cache)
         q, k = l2_normalize(streams["q"]), l2_normalize(streams["k"])
         if self.feature_map == "polynomial":  # learnable per-degree weights, 1/i! at init
             coeffs = positive_coeffs(self.param(
                 "feature_coeffs", lambda key: init_coeff_param(self.feature_degree)))
             q, k = polynomial(q, coeffs), polynomial(k, coeffs)
-        inputs = {"q": q, "k": k, "v": streams["v"], "momentum": None}
-        for gate, bias in GATE_BIASES.items():
-            if gate == "momentum" and not self.momentum:
-                continue
-            pre = initializers.dense(heads, name=gate)(x)
-            pre = pre.astype(jnp.promote_types(pre.dtype, jnp.float32))  # no bfloat16 gates
-            inputs[gate] = jax.nn.sigmoid(
-                pre + self.param(f"{gate}_bias", nn.initializers.constant(bias), (heads,)))
-        inputs["lr"] = self.max_lr * inputs["lr"]
+        inputs = {"q": q, "k": k, "v": streams["v"],
+                  **memory_gates(self, x, heads, self.momentum, self.max_lr)}
         memory = self.param("memory", lambda key: init_memory_params(key, spec, heads,
                                                                      *self.memory_dims()))
         if cache is None:
@@ -152,14 +154,29 @@ class NeuralMemory(nn.Module):
             theta = theta / (1.0 - inputs["momentum"])
         self.sow("metrics", "effective_lr", jnp.mean(theta))
 
+    def empty_memory_state(self, batch_size: int):
+        """A cache's memory state before any token: zeros where the learned initial weights go
+        (``init_cache`` cannot see parameters; ``cached_memory_state`` puts them in)."""
+        spec, dims = self.spec(), self.memory_dims()
+        placeholder = jax.tree_util.tree_map(
+            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda: init_memory_params(
+                jax.random.key(0), spec, self.num_heads, *dims)))
+        return initial_memory_state(placeholder, batch_size, spec, *dims)
+
+    def cached_memory_state(self, memory, cached, started, dtype):
+        """The cached state, or the fresh one from the learned ``memory`` weights while nothing
+        has been cached (``started == 0``)."""
+        batch = cached.tail_k.shape[0]
+        fresh = initial_memory_state(memory, batch, self.spec(), *self.memory_dims(), dtype=dtype)
+        return jax.tree_util.tree_map(lambda f, c: jnp.where(started > 0, c, f), fresh, cached)
+
     def _continue(self, inputs, memory, cache):
         """The memory over cached tokens: from the learned initial weights when nothing is cached
         yet (``init_cache`` cannot see the parameters), else from the cached state."""
         batch, length = inputs["q"].shape[:2]
         spec = self.spec()
-        fresh = initial_memory_state(memory, batch, spec, *self.memory_dims())
-        state = jax.tree_util.tree_map(lambda f, c: jnp.where(cache["started"] > 0, c, f),
-                                       fresh, cache["memory"])
+        state = self.cached_memory_state(memory, cache["memory"], cache["started"],
+                                         jnp.float32)
         if length == 1:
             o, state = neural_memory_step(**{n: None if a is None else a[:, 0]
                                              for n, a in inputs.items()},
@@ -169,12 +186,8 @@ class NeuralMemory(nn.Module):
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         del max_len
-        spec, dims = self.spec(), self.memory_dims()
-        placeholder = jax.tree_util.tree_map(  # replaced by the learned weights on first use
-            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda: init_memory_params(
-                jax.random.key(0), spec, self.num_heads, *dims)))
         conv = ShortConv(self.conv_size, parent=None)
-        return {"memory": initial_memory_state(placeholder, batch_size, spec, *dims),
+        return {"memory": self.empty_memory_state(batch_size),
                 "started": jnp.zeros((), jnp.int32),
                 **{f"conv_{n}": conv.init_cache(batch_size, self.d_model) for n in ("q", "k", "v")}}
 

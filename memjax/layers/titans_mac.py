@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from memjax.layers import initializers
 from memjax.layers.conv import ShortConv
 from memjax.layers.heads import head_dim, l2_normalize, merge_heads, split_heads
-from memjax.layers.neural_memory import GATE_BIASES, NeuralMemory
+from memjax.layers.neural_memory import NeuralMemory, memory_gates
 from memjax.layers.registry import MIXERS
 from memjax.ops import MemorySpec, init_memory_params, initial_memory_state, neural_memory
 from memjax.ops.memory_nets import apply as memory_apply
@@ -72,16 +72,7 @@ class _Segment(nn.Module):
         store = {name: split_heads(nn.silu(initializers.dense(self.d_model, name=f"store_{name}")(y)),
                                    self.memory_heads) for name in ("q", "k", "v")}
         inputs = {"q": l2_normalize(store["q"]), "k": l2_normalize(store["k"]), "v": store["v"],
-                  "momentum": None}
-        for gate, bias in GATE_BIASES.items():
-            if gate == "momentum" and not self.spec.momentum:
-                continue
-            pre = initializers.dense(self.memory_heads, name=gate)(y)
-            pre = pre.astype(jnp.promote_types(pre.dtype, jnp.float32))
-            inputs[gate] = jax.nn.sigmoid(
-                pre + self.param(f"{gate}_bias", nn.initializers.constant(bias),
-                                 (self.memory_heads,)))
-        inputs["lr"] = self.max_lr * inputs["lr"]
+                  **memory_gates(self, y, self.memory_heads, self.spec.momentum, self.max_lr)}
         read, state = neural_memory(**inputs, spec=self.spec, initial_state=state)
         read = merge_heads(nn.RMSNorm(name="memory_norm")(read))
         gated = nn.RMSNorm(name="attention_norm")(y) * jax.nn.sigmoid(read)
@@ -122,17 +113,16 @@ class MemoryAsContext(NeuralMemory):
         queries = l2_normalize(split_heads(nn.silu(q), self.num_heads))
         memory = self.param("memory", lambda key: init_memory_params(key, spec, self.num_heads,
                                                                      *dims))
-        fresh = initial_memory_state(memory, B, spec, *dims,
-                                     dtype=jnp.promote_types(x.dtype, jnp.float32))
+        acc = jnp.promote_types(x.dtype, jnp.float32)
         options = dict(d_model=self.d_model, attn_heads=self.attn_heads,
                        memory_heads=self.num_heads, persistent_tokens=self.persistent_tokens,
                        spec=spec, max_lr=self.max_lr)
         segments = nn.scan(_Segment, variable_broadcast="params",
                            split_rngs={"params": False})(**options, name="segment")
         if cache is None:
+            fresh = initial_memory_state(memory, B, spec, *dims, dtype=acc)
             return self._whole_segments(segments, fresh, queries, x)[1]
-        state = jax.tree_util.tree_map(lambda f, c: jnp.where(cache["started"] > 0, c, f),
-                                       fresh, cache["before"])
+        state = self.cached_memory_state(memory, cache["before"], cache["started"], acc)
         if T == 1:
             y, new_cache = self._decode(segments, state, queries, x, cache)
         else:
@@ -186,13 +176,9 @@ class MemoryAsContext(NeuralMemory):
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         del max_len
-        spec, dims = self.spec(), self.memory_dims()
-        placeholder = jax.tree_util.tree_map(  # replaced by the learned weights on first use
-            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda: init_memory_params(
-                jax.random.key(0), spec, self.num_heads, *dims)))
         dim = head_dim(self.d_model, self.num_heads)
         conv = ShortConv(self.conv_size, parent=None)
-        return {"before": initial_memory_state(placeholder, batch_size, spec, *dims),
+        return {"before": self.empty_memory_state(batch_size),
                 "queries": jnp.zeros((batch_size, self.segment, self.num_heads, dim)),
                 "x": jnp.zeros((batch_size, self.segment, self.d_model)),
                 "count": jnp.zeros((), jnp.int32), "started": jnp.zeros((), jnp.int32),
