@@ -78,7 +78,12 @@ class NeuralMemory(nn.Module):
     loss: str = "l2"
     optimizer: str = "gd"
     momentum: bool = True
-    memory_chunk: int = 16
+    # Gradients at every token's own weights by default. With 16-token mini-batches (Titans'
+    # parallel training) and theta up to 1 the inner loop diverged on MQAR: MAG's memory loss
+    # on its own sequence went from 1.2 to 1e14 by step 250, while with 1 it fell from 66 to 4
+    # (LMM, step 1500). Larger mini-batches train faster on long sequences; they need a
+    # smaller max_lr (about 1 / memory_chunk for aligned keys: the gradients add up).
+    memory_chunk: int = 1
     omega_window: int = 1  # MemorySpec.window (named apart from attention's window)
     retrieve: str = "after"
     max_lr: float = 1.0  # theta = max_lr * sigmoid(...)
