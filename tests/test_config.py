@@ -57,7 +57,7 @@ def test_vocab_size_is_shared_by_task_and_model():
     ("--config.train.stepz=3", "config.train has no field 'stepz'"),
     ("--config.model.mixer.expand_k=2",  # a field of other mixers, not of attention
      "config.model.mixer has no field 'expand_k' (its fields: chunk_size, impl, name, num_heads, "
-     "window)"),
+     "persistent_tokens, window)"),
     ("--config.train.steps=abc", "config.train.steps=abc"),
 ])
 def test_command_line_rejects_bad_overrides(tmp_path, override, expected):

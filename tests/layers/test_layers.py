@@ -212,8 +212,8 @@ def test_registered_mixers():
 
 
 def test_mixer_options_list_exactly_the_configurable_fields():
-    assert mixer_options("attention") == {"num_heads": 1, "window": 0, "impl": "auto",
-                                          "chunk_size": 64}
+    assert mixer_options("attention") == {"num_heads": 1, "window": 0, "persistent_tokens": 0,
+                                          "impl": "auto", "chunk_size": 64}
     assert mixer_options("linear_attention") == {"num_heads": 2, "chunk_size": 64, "impl": "auto"}
 
 
