@@ -174,11 +174,6 @@ def _token_step(spec: MemorySpec, carry, token):
     return carry, o
 
 
-def _state_tuple(state: MemoryState):
-    return (state.base, state.weights, state.momentum, state.phase,
-            state.tail_k, state.tail_v, state.tail_gamma)
-
-
 def neural_memory_step(q, k, v, lr, decay, momentum, gamma, state: MemoryState, *,
                        spec: MemorySpec):
     """Advance the memory by one token (decoding with a cached state).
@@ -198,7 +193,7 @@ def neural_memory_step(q, k, v, lr, decay, momentum, gamma, state: MemoryState, 
 @functools.partial(jax.jit, static_argnums=(8, 9, 10))
 def _step_jit(q, k, v, theta, alpha, eta, gamma, state, spec, acc, out_dtype):
     carry = jax.tree_util.tree_map(lambda x: x.astype(acc) if x.dtype != jnp.int32 else x,
-                                   _state_tuple(state))
+                                   tuple(state))  # (base, weights, momentum, phase, tails)
 
     def head(carry, token):
         carry, o = _token_step(spec, carry, token)
@@ -346,7 +341,7 @@ def _chunk_single(spec, aligned, carry, tokens):
 def _sequence_jit(q, k, v, theta, alpha, eta, gamma, spec, form, aligned, acc, out_dtype,
                   state):
     carry = jax.tree_util.tree_map(lambda x: x.astype(acc) if x.dtype != jnp.int32 else x,
-                                   _state_tuple(state))
+                                   tuple(state))  # (base, weights, momentum, phase, tails)
     if form == "reference":
         fn = functools.partial(_reference_single, spec)
     else:
