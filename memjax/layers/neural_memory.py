@@ -50,16 +50,16 @@ class NeuralMemory(nn.Module):
     L2-normalised; data-dependent ``theta_t = max_lr sigmoid(w_lr x_t + b)`` (inner learning rate),
     ``alpha_t = sigmoid(w_decay x_t + b)`` (forgetting) and ``eta_t = sigmoid(w_momentum x_t +
     b)`` (momentum); the memory ``M: R^K -> R^K`` (``architecture``: a matrix by default,
-    Titans' depth-2 residual MLP with ``"mlp"``) with learned initial weights per head, stored into with every ``(k_t, v_t)``
-    and read with ``q_t``. Output: per-head RMSNorm times ``silu(W_g x)``, then the output
-    projection. ``[B, T, d_model]`` in and out.
+    Titans' depth-2 residual MLP with ``"mlp"``) with learned initial weights per head, stored
+    into with every ``(k_t, v_t)`` and read with ``q_t``. Output: per-head RMSNorm times
+    ``silu(W_g x)``, then the output projection. ``[B, T, d_model]`` in and out.
 
     ``feature_map="polynomial"`` (ATLAS): the memory stores and reads ``phi(k)``, ``phi(q)``,
     the degree-``feature_degree`` polynomial features with learnable per-degree weights
     (``1/i!`` at init: the exponential kernel's truncation); the MLP memories then drop their
-    residual (``phi(k)`` and v differ in size). The memory options are ``MemorySpec``'s (``memory_chunk``: the inner mini-batch, a model
-    property; ``omega_window``: ATLAS's Omega window c; ``optimizer="muon"``: ATLAS's). Decoding cache:
-    the ``MemoryState`` (base point, weights and momentum: three copies of the memory weights,
+    residual (``phi(k)`` and v differ in size). The memory options are ``MemorySpec``'s
+    (``memory_chunk``: the inner mini-batch, a model property; ``omega_window``: ATLAS's Omega
+    window c; ``optimizer="muon"``: ATLAS's). Decoding cache: the ``MemoryState`` (base point, weights and momentum: three copies of the memory weights,
     plus the Omega window's last c - 1 keys and values), ``started`` and the three convolution
     histories.
     """

@@ -69,8 +69,9 @@ class _Segment(nn.Module):
         y = initializers.dense(self.d_model, name="attention_out")(
             attended.reshape(B, C, self.d_model))
 
-        store = {name: split_heads(nn.silu(initializers.dense(self.d_model, name=f"store_{name}")(y)),
-                                   self.memory_heads) for name in ("q", "k", "v")}
+        store = {name: split_heads(
+                     nn.silu(initializers.dense(self.d_model, name=f"store_{name}")(y)),
+                     self.memory_heads) for name in ("q", "k", "v")}
         inputs = {"q": l2_normalize(store["q"]), "k": l2_normalize(store["k"]), "v": store["v"],
                   **memory_gates(self, y, self.memory_heads, self.spec.momentum, self.max_lr)}
         read, state = neural_memory(**inputs, spec=self.spec, initial_state=state)

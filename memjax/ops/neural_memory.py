@@ -6,9 +6,11 @@ calls, ``b = spec.memory_chunk``, ``c = spec.window``, ``Wbar_t`` = the weights 
 token t's mini-batch (tokens ``b floor(t/b) ...``)::
 
     G_t = sum_{i=t-c+1..t} gamma_i grad_W loss(M_W(k_i), v_i) at W = Wbar_t   # Omega rule
-    gd:   S_t = eta_t S_{t-1} + theta_t G_t;   W_t = (1 - alpha_t) W_{t-1} - S_t            # Titans
-    muon: S_t = eta_t S_{t-1} + G_t;           W_t = (1 - alpha_t) W_{t-1} - theta_t NS(S_t)  # ATLAS
+    gd:   S_t = eta_t S_{t-1} + theta_t G_t;   W_t = (1 - alpha_t) W_{t-1} - S_t    (Titans)
+    muon: S_t = eta_t S_{t-1} + G_t;           W_t = (1 - alpha_t) W_{t-1} - theta_t NS(S_t)
     o_t = M_{W_t}(q_t)  (retrieve="after")   or   M_{W_{t-1}}(q_t)  (retrieve="before")
+
+(muon is ATLAS's order: the learning rate after the orthogonalisation.)
 
 ``S`` is the momentum ("surprise"; Titans' S with the opposite sign), ``theta_t >= 0`` the inner
 learning rate, ``eta_t in [0, 1]`` the momentum decay (0 when ``spec.momentum`` is False),

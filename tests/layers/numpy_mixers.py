@@ -97,8 +97,8 @@ def attention_np(p, x, *, num_heads, window):
     q, k, v = fused_qkv(p["qkv"], x, num_heads)
     B, T, _, w = q.shape
     if "persistent" in p:
-        _, k_p, v_p = fused_qkv(p["qkv"], np.broadcast_to(p["persistent"], (B,) + p["persistent"].shape),
-                                num_heads)
+        tokens = np.broadcast_to(p["persistent"], (B,) + p["persistent"].shape)
+        _, k_p, v_p = fused_qkv(p["qkv"], tokens, num_heads)
     else:
         k_p, v_p = k[:, :0], v[:, :0]
     o = np.zeros_like(q)
