@@ -42,6 +42,25 @@ def memory_gates(module: nn.Module, x, heads: int, momentum: bool, max_lr: float
     return gates
 
 
+def inner_loop_diagnostics(spec: MemorySpec, inputs: dict, start: dict, final: dict) -> dict:
+    """Train metrics of a memory's inner loop over one stretch of tokens, averaged over batch
+    and heads: the inner loss of the stretch's (k, v) pairs at the weights before it and after
+    it (``start``, ``final``: leaves ``[B, H, out, in]``), the size of the change
+    ``||W_final - W_start||_F``, and the effective learning rate (mean theta; with momentum
+    theta / (1 - eta), the step a constant gradient settles to). ``inputs``: the operator's
+    ``k, v [B, T, H, .]``, ``lr [B, T, H]`` and ``momentum`` (or None)."""
+    per_head = jax.vmap(jax.vmap(functools.partial(token_loss, spec), (None, 0, 0)), (0, 1, 1))
+    losses = jax.vmap(per_head, (0, 0, 0))  # weights, k, v -> [B, H, T]
+    change = sum(jnp.sum((f - w) ** 2, axis=(-2, -1)) for f, w in
+                 zip(jax.tree_util.tree_leaves(final), jax.tree_util.tree_leaves(start)))
+    theta = inputs["lr"]
+    if inputs["momentum"] is not None:
+        theta = theta / (1.0 - inputs["momentum"])
+    return {"inner_loss_initial_weights": jnp.mean(losses(start, inputs["k"], inputs["v"])),
+            "inner_loss_final_weights": jnp.mean(losses(final, inputs["k"], inputs["v"])),
+            "update_norm": jnp.mean(jnp.sqrt(change)), "effective_lr": jnp.mean(theta)}
+
+
 @MIXERS.register("lmm")
 class NeuralMemory(nn.Module):
     """Titans LMM: the neural memory alone as the token mixer (``memjax.ops.neural_memory``).
@@ -135,29 +154,12 @@ class NeuralMemory(nn.Module):
         return y if cache is None else (y, new_cache)
 
     def _sow_diagnostics(self, inputs, memory, state):
-        """Train metrics of the inner loop, averaged over batch and heads: the inner loss of the
-        sequence's (k, v) pairs at the initial and at the final memory weights, the size of the
-        change ``||W_T - W_0||_F``, and the effective learning rate (mean theta; with momentum
-        theta / (1 - eta), the step a constant gradient settles to)."""
-        spec = self.spec()
         initial = jax.tree_util.tree_map(lambda w: w[None].astype(jnp.float32), memory)
-        # [B, H, T] losses at per-(batch, head) weights
-        def sequence_loss(weights):
-            per_head = jax.vmap(jax.vmap(functools.partial(token_loss, spec), (None, 0, 0)),
-                                (0, 1, 1))
-            return jax.vmap(per_head, (0, 0, 0))(weights, inputs["k"], inputs["v"])
-
-        final = state.weights
-        start = jax.tree_util.tree_map(lambda w, f: jnp.broadcast_to(w, f.shape), initial, final)
-        self.sow("metrics", "inner_loss_initial_weights", jnp.mean(sequence_loss(start)))
-        self.sow("metrics", "inner_loss_final_weights", jnp.mean(sequence_loss(final)))
-        change = sum(jnp.sum((f - w) ** 2, axis=(-2, -1)) for f, w in
-                     zip(jax.tree_util.tree_leaves(final), jax.tree_util.tree_leaves(start)))
-        self.sow("metrics", "update_norm", jnp.mean(jnp.sqrt(change)))
-        theta = inputs["lr"]
-        if inputs["momentum"] is not None:
-            theta = theta / (1.0 - inputs["momentum"])
-        self.sow("metrics", "effective_lr", jnp.mean(theta))
+        start = jax.tree_util.tree_map(lambda w, f: jnp.broadcast_to(w, f.shape), initial,
+                                       state.weights)
+        for name, value in inner_loop_diagnostics(self.spec(), inputs, start,
+                                                   state.weights).items():
+            self.sow("metrics", name, value)
 
     def empty_memory_state(self, batch_size: int):
         """A cache's memory state before any token: zeros where the learned initial weights go

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from memjax.layers import initializers
 from memjax.layers.conv import ShortConv
 from memjax.layers.heads import head_dim, l2_normalize, merge_heads, split_heads
-from memjax.layers.neural_memory import NeuralMemory, memory_gates
+from memjax.layers.neural_memory import NeuralMemory, inner_loop_diagnostics, memory_gates
 from memjax.layers.registry import MIXERS
 from memjax.ops import MemorySpec, init_memory_params, initial_memory_state, neural_memory
 from memjax.ops.memory_nets import apply as memory_apply
@@ -28,7 +28,8 @@ class _Segment(nn.Module):
     visible; the retrieved token j and segment token j visible from position j on, so nothing
     leaks from later tokens); the attention output y is stored into the memory (keys, values,
     queries and gates projected from y); ``o = W_o (RMSNorm(y) * sigmoid(RMSNorm(M_t(y))))``,
-    the read of each token after its own store.
+    the read of each token after its own store. With ``diagnostics``, also returns the
+    segment's ``inner_loop_diagnostics`` beside the output.
     """
 
     d_model: int
@@ -37,6 +38,7 @@ class _Segment(nn.Module):
     persistent_tokens: int
     spec: MemorySpec
     max_lr: float
+    diagnostics: bool = False
 
     @nn.compact
     def __call__(self, state, segment):
@@ -74,10 +76,14 @@ class _Segment(nn.Module):
                      self.memory_heads) for name in ("q", "k", "v")}
         inputs = {"q": l2_normalize(store["q"]), "k": l2_normalize(store["k"]), "v": store["v"],
                   **memory_gates(self, y, self.memory_heads, self.spec.momentum, self.max_lr)}
-        read, state = neural_memory(**inputs, spec=self.spec, initial_state=state)
+        read, after = neural_memory(**inputs, spec=self.spec, initial_state=state)
         read = merge_heads(nn.RMSNorm(name="memory_norm")(read))
         gated = nn.RMSNorm(name="attention_norm")(y) * jax.nn.sigmoid(read)
-        return state, initializers.dense_out(self.d_model, name="out")(gated)
+        out = initializers.dense_out(self.d_model, name="out")(gated)
+        if self.diagnostics:
+            return after, (out, inner_loop_diagnostics(self.spec, inputs, state.weights,
+                                                       after.weights))
+        return after, out
 
 
 @MIXERS.register("titans_mac")
@@ -96,6 +102,9 @@ class MemoryAsContext(NeuralMemory):
     the count of buffered tokens, and the retrieval convolution's history. A multi-token call
     with a cache must start at a segment boundary (a fresh cache, or after whole segments);
     otherwise its output is NaN, loudly.
+
+    Training (``metrics`` mutable) sows ``lmm``'s inner-loop diagnostics, each the mean over
+    segments of the segment's value (a last partial segment counts its zero padding).
     """
 
     segment: int = 16
@@ -118,11 +127,19 @@ class MemoryAsContext(NeuralMemory):
         options = dict(d_model=self.d_model, attn_heads=self.attn_heads,
                        memory_heads=self.num_heads, persistent_tokens=self.persistent_tokens,
                        spec=spec, max_lr=self.max_lr)
+        diagnose = cache is None and self.is_mutable_collection("metrics")
         segments = nn.scan(_Segment, variable_broadcast="params",
-                           split_rngs={"params": False})(**options, name="segment")
+                           split_rngs={"params": False})(**options, diagnostics=diagnose,
+                                                         name="segment")
         if cache is None:
             fresh = initial_memory_state(memory, B, spec, *dims, dtype=acc)
-            return self._whole_segments(segments, fresh, queries, x)[1]
+            y = self._whole_segments(segments, fresh, queries, x)[1]
+            if not diagnose:
+                return y
+            y, diagnostics = y
+            for name, per_segment in diagnostics.items():
+                self.sow("metrics", name, jnp.mean(per_segment))
+            return y
         state = self.cached_memory_state(memory, cache["before"], cache["started"], acc)
         if T == 1:
             y, new_cache = self._decode(segments, state, queries, x, cache)
@@ -139,8 +156,10 @@ class MemoryAsContext(NeuralMemory):
         T, C = x.shape[1], self.segment
         n = -(-T // C)
         pad = lambda a: jnp.pad(a, [(0, 0), (0, n * C - T)] + [(0, 0)] * (a.ndim - 2))
-        state, y = segments(state, (self._split(pad(queries), n), self._split(pad(x), n)))
-        return state, jnp.moveaxis(y, 0, 1).reshape(x.shape[0], n * C, -1)[:, :T]
+        state, out = segments(state, (self._split(pad(queries), n), self._split(pad(x), n)))
+        y, diagnostics = out if isinstance(out, tuple) else (out, None)
+        y = jnp.moveaxis(y, 0, 1).reshape(x.shape[0], n * C, -1)[:, :T]
+        return state, (y if diagnostics is None else (y, diagnostics))
 
     def _prefill(self, segments, state, queries, x, cache):
         T, C = x.shape[1], self.segment

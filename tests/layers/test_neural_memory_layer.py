@@ -32,6 +32,20 @@ def test_diagnostics_are_sown_when_training_and_the_memory_learns_its_sequence()
     np.testing.assert_array_equal(y, layer.apply({"params": params}, x))  # same output
 
 
+def test_mac_sows_the_segment_mean_of_its_inner_loop_diagnostics():
+    layer = build_mixer(D, {"name": "titans_mac", "segment": 4, "memory_chunk": 2,
+                            "momentum": False, "num_heads": 1})
+    x = jax.random.normal(jax.random.key(0), (2, 8, D))
+    params = layer.init(jax.random.key(1), x)["params"]
+    y, sown = layer.apply({"params": params}, x, mutable=["metrics"])
+    metrics = {name: float(value[0]) for name, value in sown["metrics"].items()}
+    assert set(metrics) == {"inner_loss_initial_weights", "inner_loss_final_weights",
+                            "update_norm", "effective_lr"}
+    assert metrics["inner_loss_final_weights"] < metrics["inner_loss_initial_weights"]
+    assert metrics["update_norm"] > 0 and 0 < metrics["effective_lr"] < 1
+    np.testing.assert_array_equal(y, layer.apply({"params": params}, x))  # same output
+
+
 def test_decoding_from_an_empty_cache_uses_the_learned_initial_memory():
     layer, params, x = _layer_and_params()
     params = jax.tree_util.tree_map(lambda a: a, params)
