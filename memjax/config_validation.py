@@ -80,6 +80,10 @@ MIXER_RULES = {
     "persistent_tokens": int_range(0, 65536, "0 = none"),
     "attn_heads": int_range(1, 4096),
     "segment": int_range(1, 65536),
+    "num_memories": int_range(1, 256),
+    "top_k": int_range(1, 256, "at most num_memories"),
+    "capacity": real_range(0, 1e3, note="0 = no capacity limit"),
+    "balance_weight": real_range(0, 1e3),
 }
 
 RULES = {

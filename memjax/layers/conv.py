@@ -35,15 +35,16 @@ class ShortConv(nn.Module):
         return jnp.zeros((batch_size, self.kernel_size - 1, channels), jnp.float32)
 
 
-def conv_silu_heads(x, names, num_heads: int, conv_size: int, cache=None):
+def conv_silu_heads(x, names, num_heads: int, conv_size: int, cache=None, width=None):
     """``SiLU(ShortConv(W_n x))`` split into heads, for each stream n in ``names`` (the q, k, v of
     the delta-rule and test-time-memory mixers). Call inside a compact module: it creates the
-    Dense ``n`` and the ShortConv ``conv_n`` there. Returns ``(streams [B, T, H, D / H] by name,
-    new convolution caches by "conv_n")`` (the caches are empty without ``cache``)."""
-    d_model = x.shape[-1]
+    Dense ``n`` and the ShortConv ``conv_n`` there. ``width``: channels of each stream (default
+    x's). Returns ``(streams [B, T, H, width / H] by name, new convolution caches by "conv_n")``
+    (the caches are empty without ``cache``)."""
+    width = x.shape[-1] if width is None else width
     streams, new_cache = {}, {}
     for name in names:
-        h = initializers.dense(d_model, name=name)(x)
+        h = initializers.dense(width, name=name)(x)
         conv = ShortConv(conv_size, name=f"conv_{name}")
         if cache is None:
             h = conv(h)

@@ -12,6 +12,20 @@ from memjax.layers.registry import MIXERS
 from memjax.ops import delta_rule, delta_rule_step
 
 
+def log_decay(module: nn.Module, x, num_heads: int, copies: int | None = None):
+    """Gated DeltaNet's decay ``g = -exp(A_log) softplus(W_a x + dt_bias)`` (g <= 0, float32),
+    ``[B, T, H]``; with ``copies`` (several memories of H heads each, as in a mixture of
+    memories) ``[B, T, copies, H]``, each copy with its own W_a and A_log, dt_bias [H] shared.
+    Call inside a compact module: it creates ``A_log``, ``dt_bias`` and the Dense ``a`` there."""
+    a_log = module.param("A_log", lambda key: jnp.log(
+        jax.random.uniform(key, (num_heads,), minval=1.0, maxval=16.0)))
+    dt_bias = module.param("dt_bias", dt_bias_init(1e-3, 0.1), (num_heads,))
+    pre = initializers.dense(num_heads * (copies or 1), name="a")(x).astype(jnp.float32)
+    if copies is not None:
+        pre = pre.reshape(*pre.shape[:-1], copies, num_heads)
+    return -jnp.exp(a_log) * jax.nn.softplus(pre + dt_bias)
+
+
 @MIXERS.register("deltanet")
 class DeltaNet(nn.Module):
     """DeltaNet (Yang et al., 2024) and, with `gated=True`, Gated DeltaNet (Yang et al., 2025).
@@ -48,7 +62,7 @@ class DeltaNet(nn.Module):
             beta = 2.0 * beta
         inputs = {"q": q, "k": k, "v": streams["v"], "beta": beta}
         if self.gated:
-            inputs["g"] = self._log_decay(x)
+            inputs["g"] = log_decay(self, x, heads)
         o, state = run_recurrent(delta_rule, delta_rule_step, None if cache is None else cache["state"],
                                  {"impl": self.impl, "chunk_size": self.chunk_size}, **inputs)
         o = nn.RMSNorm(name="head_norm")(o)
@@ -59,14 +73,6 @@ class DeltaNet(nn.Module):
         if cache is None:
             return y
         return y, new_cache | {"state": state}
-
-    def _log_decay(self, x):
-        """`g = -exp(A_log) * softplus(W_a x + dt_bias)`, `[B, T, H]`, in float32 (g <= 0)."""
-        heads = self.num_heads
-        a_log = self.param("A_log", lambda key: jnp.log(jax.random.uniform(key, (heads,), minval=1.0, maxval=16.0)))
-        dt_bias = self.param("dt_bias", dt_bias_init(1e-3, 0.1), (heads,))
-        pre = initializers.dense(heads, name="a")(x).astype(jnp.float32) + dt_bias
-        return -jnp.exp(a_log) * jax.nn.softplus(pre)
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         del max_len

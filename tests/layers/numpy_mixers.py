@@ -661,10 +661,84 @@ def titans_mac_np(p, x, *, num_heads, architecture, depth, memory_chunk, omega_w
     return np.concatenate(out, axis=1)
 
 
+# ------------------------------------------------------------------------ mixture of memories
+
+def mom_routes_np(logits, top_k, capacity):
+    """Per token: the renormalised top-k softmax weights `[B, T, M]` (0 elsewhere), with memory m
+    of the token at position t dropped once it has accepted `capacity * top_k * (t + 1) / M` of
+    the earlier tokens (capacity > 0). Returns `(weights, selected, accepted)`."""
+    B, T, M = logits.shape
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    selected = np.zeros((B, T, M), bool)
+    weights = np.zeros((B, T, M))
+    for b in range(B):
+        for t in range(T):
+            top = np.argsort(-probs[b, t], kind="stable")[:top_k]
+            selected[b, t, top] = True
+            weights[b, t, top] = probs[b, t, top] / probs[b, t, top].sum()
+    accepted = selected.copy()
+    if capacity > 0:
+        for b in range(B):
+            counts = np.zeros(M)
+            for t in range(T):
+                for m in range(M):
+                    accepted[b, t, m] = selected[b, t, m] and counts[m] < capacity * top_k * (t + 1) / M
+                    counts[m] += accepted[b, t, m]
+    return np.where(accepted, weights, 0.0), selected, accepted
+
+
+def mom_np(p, x, *, num_heads, num_memories, top_k, shared_memory, capacity, memory):
+    """Mixture of memories (Du et al. 2025), value-major, one memory at a time: route each token
+    to its top-k memories; memory m (own k, v, beta, decay projections; the shared query) updates
+    only on its accepted tokens, `S = alpha S (I - beta k k^T) + beta v k^T` (gated_deltanet;
+    alpha = 1 for deltanet), `S = S + v k^T` (linear_attention) or `S = S diag(alpha) + v k^T`
+    (gla); `o_t = sum_m w_tm S_m q_t / sqrt(w)` plus the shared memory's read (every token);
+    head RMSNorm, times `silu(W_g x)`, then `W_out`."""
+    B, T, d = x.shape
+    H, w = num_heads, d // num_heads
+    slots = num_memories + int(shared_memory)
+    weights, _, accepted = mom_routes_np(x @ p["router"]["kernel"], top_k, capacity)
+    weights = np.concatenate([weights, np.ones((B, T, slots - num_memories))], axis=-1)
+    writes = np.concatenate([accepted, np.ones((B, T, slots - num_memories), bool)], axis=-1)
+    q = l2_unit(heads(silu(causal_conv(p["conv_q"], dense(p["q"], x))), H))
+    k_all, v_all = (silu(causal_conv(p[f"conv_{n}"], dense(p[n], x))) for n in "kv")
+    if memory in ("gated_deltanet", "deltanet"):
+        beta_all = sigmoid(dense(p["beta"], x))
+    if memory == "gated_deltanet":
+        pre = dense(p["a"], x).reshape(B, T, slots, H)
+        alpha_all = np.exp(-np.exp(p["A_log"]) * softplus(pre + p["dt_bias"]))
+    if memory == "gla":
+        alpha_all = sigmoid(dense(p["gate_up"], dense(p["gate_down"], x))) ** (1.0 / 16.0)
+    o = np.zeros((B, T, H, w))
+    for m in range(slots):
+        k = l2_unit(heads(k_all[..., m * d:(m + 1) * d], H))
+        v = heads(v_all[..., m * d:(m + 1) * d], H)
+        S = np.zeros((B, H, w, w))  # [value, key]
+        for t in range(T):
+            for b in range(B):
+                if not writes[b, t, m]:
+                    continue  # not routed here: the state does not move
+                kt, vt = k[b, t], v[b, t]
+                if memory in ("gated_deltanet", "deltanet"):
+                    bt = beta_all[b, t, m * H:(m + 1) * H, None, None]
+                    at = alpha_all[b, t, m, :, None, None] if memory == "gated_deltanet" else 1.0
+                    S[b] = at * (S[b] @ (np.eye(w) - bt * np.einsum("hi,hj->hij", kt, kt))) \
+                        + bt * np.einsum("hv,hk->hvk", vt, kt)
+                elif memory == "gla":
+                    at = heads(alpha_all[b, t, m * d:(m + 1) * d], H)
+                    S[b] = S[b] * at[:, None, :] + np.einsum("hv,hk->hvk", vt, kt)
+                else:
+                    S[b] = S[b] + np.einsum("hv,hk->hvk", vt, kt)
+                o[b, t] += weights[b, t, m] * np.einsum("hvk,hk->hv", S[b], q[b, t]) / np.sqrt(w)
+    o = rms_norm(o, p["head_norm"]["scale"]).reshape(B, T, d)
+    return dense(p["out"], o * silu(dense(p["gate"], x)))
+
+
 ORACLES = {
     "attention": attention_np, "linear_attention": linear_attention_np, "based": based_np,
     "deltanet": deltanet_np, "gated_deltanet": deltanet_np, "gla": gla_np, "retnet": retnet_np,
     "rwkv7": rwkv7_np, "mamba": mamba_np, "mamba2": mamba2_np, "s4d": s4d_np, "s5": s5_np,
     "hippo_rnn": hippo_rnn_np, "lstm": lstm_np, "gru": gru_np, "lmm": lmm_np,
-    "titans_mag": titans_mag_np, "titans_mac": titans_mac_np,
+    "titans_mag": titans_mag_np, "titans_mac": titans_mac_np, "mom": mom_np,
 }

@@ -29,6 +29,8 @@ def decode_cases():
     cases.append(("attention", {"window": 5, "impl": "chunk"}))  # query blocks across the prompt
     cases.append(("attention", {"window": 3, "persistent_tokens": 2}))
     cases.append(("titans_mac", {"segment": 4}))  # decoding crosses segment boundaries
+    cases.append(("mom", {"capacity": 1.0, "shared_memory": True}))  # counts carried over
+    cases.append(("mom", {"memory": "gla", "top_k": 1}))
     return cases
 
 
