@@ -31,6 +31,8 @@ def decode_cases():
     cases.append(("titans_mac", {"segment": 4}))  # decoding crosses segment boundaries
     cases.append(("mom", {"capacity": 1.0, "shared_memory": True}))  # counts carried over
     cases.append(("mom", {"memory": "gla", "top_k": 1}))
+    cases.append(("hippocampus", {"window": 5}))  # window 0 (SMALL_OPTIONS) compresses nothing
+    cases.append(("infini_attention", {"segment": 4}))
     return cases
 
 

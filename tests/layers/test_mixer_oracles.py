@@ -13,11 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from numpy_mixers import ORACLES, to_np
+import numpy_hybrids
+import numpy_mixers
+from numpy_mixers import to_np
 
 from memjax.layers import MIXERS, build_mixer
 
 D, T, BATCH = 16, 12, 2
+ORACLES = numpy_mixers.ORACLES | numpy_hybrids.ORACLES
 
 # (kind, options, tolerances): every option an oracle reads is given explicitly, so that a
 # changed layer default cannot make the oracle and the layer agree by accident. chunk_size 4 makes
@@ -111,6 +114,18 @@ CASES = [
                  memory="linear_attention", chunk_size=4), (1e-6,)),
     ("mom", dict(num_heads=2, num_memories=3, top_k=2, shared_memory=False, capacity=1.5,
                  memory="gla", chunk_size=4), (1e-6,)),
+    # Segments of 5 over T = 12 (the last partial): the third reads a memory the delta update
+    # changed. Infini-attention computes in float64 throughout.
+    ("infini_attention", dict(num_heads=2, segment=5, delta=False),
+     (2e-15, 9e-12, 1e-2)),  # 1.3e-16 8.5e-13 2.5e-3
+    ("infini_attention", dict(num_heads=2, segment=5, delta=True), (3e-15,)),  # 2.6e-16
+    # A window of 5 over T = 12: tokens 0..6 leave it for the memory. The deltanet variant is
+    # forward-only: one random direction's derivative is 0.02 against terms summing to 680, so
+    # float32 rounding (3.5e-6 absolute) reads as 1.7e-4 relative.
+    ("hippocampus", dict(num_heads=2, window=5, memory="gated_deltanet", chunk_size=4),
+     (5e-7, 1.5e-7, 9e-2)),  # 4.2e-8 1.3e-8 2.2e-2
+    ("hippocampus", dict(num_heads=2, window=5, memory="deltanet", chunk_size=4),
+     (6e-7,)),  # 5.8e-8
 ]
 
 
