@@ -53,6 +53,7 @@ NON_NEGATIVE = int_range(0)
 MIXER_RULES = {
     "num_heads": int_range(1, 4096),
     "head_dim": int_range(1, 4096),
+    "head_size": int_range(0, 4096, "0 = d_model / num_heads"),
     "window_heads": int_range(1, 4096),
     "chunk_size": int_range(1, 65536),
     "conv_size": int_range(1, 64),
@@ -84,6 +85,7 @@ MIXER_RULES = {
     "top_k": int_range(1, 256, "at most num_memories"),
     "capacity": real_range(0, 1e3, note="0 = no capacity limit"),
     "balance_weight": real_range(0, 1e3),
+    "eidetic": int_range(0, 65536, "0 = none"),
 }
 
 RULES = {
@@ -170,9 +172,10 @@ def _layer_mixers(model) -> list[tuple[str, dict]]:
 
 
 def _check_heads(model) -> None:
-    """Head counts and widths must split d_model evenly (reported here, not as a shape error)."""
+    """Head counts and widths must split d_model evenly (reported here, not as a shape error);
+    with a `head_size` the heads are sized apart from d_model."""
     for where, mixer in _layer_mixers(model):
-        for field in ("num_heads", "head_dim"):
+        for field in ("head_dim",) if mixer.get("head_size") else ("num_heads", "head_dim"):
             width = mixer.get(field)
             if width and model.d_model % width:
                 raise ConfigError(f"config.{where}.{field} = {width} does not divide "

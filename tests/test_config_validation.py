@@ -20,7 +20,8 @@ ACCEPTED = {
     ("seed", 0), ("seed", HUGE), ("task.permutation_seed", 0), ("task.permutation_seed", HUGE),
     ("mesh.data", -1),
     ("model.max_len", 0), ("model.mlp_ratio", 0.0), ("model.short_conv", 0),
-    ("model.mixer.window", 0), ("model.mixer.persistent_tokens", 0),
+    ("model.mixer.window", 0), ("model.mixer.persistent_tokens", 0), ("model.mixer.head_size", 0),
+    ("model.mixer.capacity", 0.0), ("model.mixer.eidetic", 0),
     ("model.input_dim", 0), ("model.output_dim", 0),
     ("model.vocab_size", 0),  # regression: float inputs and outputs need no vocabulary
     ("train.warmup_steps", 0), ("train.weight_decay", 0.0), ("train.grad_clip", 0.0),

@@ -37,7 +37,8 @@ class DeltaNet(nn.Module):
     + beta_t k_t v_t^T`, `o_t = S_t^T q_t / sqrt(K)`. Output: per-head RMSNorm times
     `silu(W_g x)` (gated) or plain RMSNorm (DeltaNet), then the output projection.
     `[B, T, d_model]` in and out; decoding cache: the state `[B, H, K, K]` and the three
-    convolution histories.
+    convolution histories. K = `head_size`, or d_model / H when it is 0 (`head_size` apart from
+    d_model sizes the state independently: H heads of K hold H K^2 numbers).
     """
 
     own_short_conv = True  # the block adds no short convolution in front (not a field)
@@ -47,14 +48,14 @@ class DeltaNet(nn.Module):
     conv_size: int = 4
     gated: bool = False
     allow_neg_eigval: bool = False
+    head_size: int = 0  # 0: d_model / num_heads
     chunk_size: int = 64
     impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, cache=None):
-        heads = self.num_heads
-        head_dim(self.d_model, heads)
-        streams, new_cache = conv_silu_heads(x, "qkv", heads, self.conv_size, cache)
+        heads, width = self.num_heads, self.num_heads * self._head_dim()
+        streams, new_cache = conv_silu_heads(x, "qkv", heads, self.conv_size, cache, width=width)
         q, k = l2_normalize(streams["q"]), l2_normalize(streams["k"])
         beta = initializers.dense(heads, name="beta", bias=True)(x)
         beta = jax.nn.sigmoid(beta.astype(jnp.float32))
@@ -68,18 +69,25 @@ class DeltaNet(nn.Module):
         o = nn.RMSNorm(name="head_norm")(o)
         o = merge_heads(o)
         if self.gated:
-            o = o * nn.silu(initializers.dense(self.d_model, name="gate")(x))
+            o = o * nn.silu(initializers.dense(width, name="gate")(x))
         y = initializers.dense_out(self.d_model, name="out")(o)
         if cache is None:
             return y
         return y, new_cache | {"state": state}
 
+    def _head_dim(self) -> int:
+        if self.head_size < 0:
+            raise ValueError(f"head_size must be >= 0 (0: d_model / num_heads), got "
+                             f"{self.head_size}")
+        return self.head_size or head_dim(self.d_model, self.num_heads)
+
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         del max_len
-        dim = head_dim(self.d_model, self.num_heads)
+        dim = self._head_dim()
         conv = ShortConv(self.conv_size, parent=None)
         return {"state": jnp.zeros((batch_size, self.num_heads, dim, dim), jnp.float32),
-                **{f"conv_{n}": conv.init_cache(batch_size, self.d_model) for n in ("q", "k", "v")}}
+                **{f"conv_{n}": conv.init_cache(batch_size, self.num_heads * dim)
+                   for n in ("q", "k", "v")}}
 
 
 @MIXERS.register("gated_deltanet")

@@ -154,15 +154,17 @@ def based_np(p, x, *, num_heads, feature_dim, window, window_heads):
     return y
 
 
-def deltanet_np(p, x, *, num_heads, gated, allow_neg_eigval):
+def deltanet_np(p, x, *, num_heads, gated, allow_neg_eigval, head_size):
     """DeltaNet (Yang et al. 2024) / Gated DeltaNet (Yang et al. 2025), value-major as in the papers:
 
     q, k, v = silu(conv(W x)); q, k unit L2 norm per head; `beta = sigmoid(W_b x + b)` (x2 with
     negative eigenvalues); gated: `alpha = exp(-exp(A_log) softplus(W_a x + dt_bias))`.
     `S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T`, `o_t = S_t q_t / sqrt(w)`;
-    per-head RMSNorm, times `silu(W_g x)` if gated, then `W_out`.
+    per-head RMSNorm, times `silu(W_g x)` if gated, then `W_out`. Heads of width `head_size`
+    (0: d / num_heads).
     """
-    B, T, d = x.shape
+    B, T, _ = x.shape
+    w = head_size or x.shape[-1] // num_heads
     q, k, v = (heads(silu(causal_conv(p[f"conv_{n}"], dense(p[n], x))), num_heads) for n in "qkv")
     q, k = l2_unit(q), l2_unit(k)
     beta = sigmoid(dense(p["beta"], x)) * (2.0 if allow_neg_eigval else 1.0)  # [B, T, H]
@@ -170,7 +172,6 @@ def deltanet_np(p, x, *, num_heads, gated, allow_neg_eigval):
         alpha = np.exp(-np.exp(p["A_log"]) * softplus(dense(p["a"], x) + p["dt_bias"]))
     else:
         alpha = np.ones_like(beta)
-    w = d // num_heads
     S = np.zeros((B, num_heads, w, w))  # [value, key]
     o = np.zeros_like(v)
     eye = np.eye(w)
@@ -179,7 +180,7 @@ def deltanet_np(p, x, *, num_heads, gated, allow_neg_eigval):
         transition = eye - bt * np.einsum("bhi,bhj->bhij", kt, kt)
         S = alpha[:, t, :, None, None] * (S @ transition) + bt * np.einsum("bhv,bhk->bhvk", v[:, t], kt)
         o[:, t] = np.einsum("bhvk,bhk->bhv", S, q[:, t]) / np.sqrt(w)
-    o = rms_norm(o, p["head_norm"]["scale"]).reshape(B, T, d)
+    o = rms_norm(o, p["head_norm"]["scale"]).reshape(B, T, num_heads * w)
     if gated:
         o = o * silu(dense(p["gate"], x))
     return dense(p["out"], o)

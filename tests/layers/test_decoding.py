@@ -33,6 +33,8 @@ def decode_cases():
     cases.append(("mom", {"memory": "gla", "top_k": 1}))
     cases.append(("hippocampus", {"window": 5}))  # window 0 (SMALL_OPTIONS) compresses nothing
     cases.append(("infini_attention", {"segment": 4}))
+    cases.append(("bmojo", {"window": 5, "eidetic": 3}))
+    cases.append(("gated_deltanet", {"num_heads": 4, "head_size": 8}))  # heads apart from d_model
     return cases
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import numpy_bmojo
 import numpy_hybrids
 import numpy_mixers
 from numpy_mixers import to_np
@@ -20,7 +21,7 @@ from numpy_mixers import to_np
 from memjax.layers import MIXERS, build_mixer
 
 D, T, BATCH = 16, 12, 2
-ORACLES = numpy_mixers.ORACLES | numpy_hybrids.ORACLES
+ORACLES = numpy_mixers.ORACLES | numpy_hybrids.ORACLES | numpy_bmojo.ORACLES
 
 # (kind, options, tolerances): every option an oracle reads is given explicitly, so that a
 # changed layer default cannot make the oracle and the layer agree by accident. chunk_size 4 makes
@@ -40,12 +41,17 @@ CASES = [
      (3e-15, 5e-11, 1.5e-2)),  # 2.6e-16 4.3e-12 3.5e-3
     ("based", dict(num_heads=2, feature_dim=4, window=3, window_heads=2, chunk_size=4),
      (3e-15,)),  # 2.8e-16
-    ("deltanet", dict(num_heads=2, gated=False, allow_neg_eigval=False, chunk_size=4),
+    ("deltanet", dict(num_heads=2, gated=False, allow_neg_eigval=False, head_size=0,
+                      chunk_size=4),
      (1e-6, 1.5e-6, 3.5e-2)),  # 9.5e-8 1.4e-7 8.4e-3
-    ("deltanet", dict(num_heads=2, gated=False, allow_neg_eigval=True, chunk_size=4),
+    ("deltanet", dict(num_heads=2, gated=False, allow_neg_eigval=True, head_size=0,
+                      chunk_size=4),
      (1e-6,)),  # 9.5e-8
-    ("gated_deltanet", dict(num_heads=2, gated=True, allow_neg_eigval=False, chunk_size=4),
-     (4e-7, 3e-7, 4e-2)),  # 3.3e-8 3.1e-8 9.7e-3
+    ("gated_deltanet", dict(num_heads=2, gated=True, allow_neg_eigval=False, head_size=0,
+                            chunk_size=4), (4e-7, 3e-7, 4e-2)),  # 3.3e-8 3.1e-8 9.7e-3
+    # Six heads of 4 (width 24 from d_model 16): the state sized apart from d_model.
+    ("gated_deltanet", dict(num_heads=6, gated=True, allow_neg_eigval=False, head_size=4,
+                            chunk_size=4), (4e-7,)),
     ("gla", dict(num_heads=2, expand_k=0.5, gate_rank=4, gate_normalizer=16.0, chunk_size=4),
      (5e-8, 8e-7, 2e-2)),  # 4.6e-9 8.0e-8 4.4e-3
     ("gla", dict(num_heads=2, expand_k=0.5, gate_rank=4, gate_normalizer=16.0, output_gate=False,
@@ -126,6 +132,15 @@ CASES = [
      (5e-7, 1.5e-7, 9e-2)),  # 4.2e-8 1.3e-8 2.2e-2
     ("hippocampus", dict(num_heads=2, window=5, memory="deltanet", chunk_size=4),
      (6e-7,)),  # 5.8e-8
+    # A window of 4 over T = 12 (tokens 0..7 leave it), 3 eidetic tokens. E = 2 with the gated
+    # memory is forward-only: its 2nd and 3rd surprises differ by 0.8%, which bfloat16 flips
+    # (0.46: a hard top-E selection cannot be stable at near-ties).
+    ("bmojo", dict(num_heads=2, window=4, eidetic=3, memory="gated_deltanet", chunk_size=4),
+     (3e-7, 6e-7, 4.5e-2)),  # 2.6e-8 5.6e-8 1.1e-2
+    ("bmojo", dict(num_heads=2, window=4, eidetic=2, memory="gated_deltanet", chunk_size=4),
+     (3e-7,)),  # 2.6e-8
+    ("bmojo", dict(num_heads=2, window=4, eidetic=2, memory="deltanet", chunk_size=4),
+     (7e-7,)),  # 6.8e-8
 ]
 
 
