@@ -27,6 +27,13 @@ MQAR_RECIPE = {"task.vocab_size": 256, "task.batch_size": 128, "train.eval_every
                "train.checkpoint_every": 500, "train.warmup_steps": 100}
 PASSKEY_RECIPE = {"train.eval_every": 150, "train.checkpoint_every": 300,
                   "train.warmup_steps": 50}
+# What fits two CPU cores (preset cpu only). ATLAS's MLP memory on degree-2 features of 32-wide
+# heads (561 x 1122 weights per head) with Muon orthogonalising each token's momentum compiled
+# to 920 GB of temporaries for one train step at batch 128, T = 64 (about 33 TFLOP per step
+# besides): the cpu preset runs ATLAS's rule (Muon, Omega window 4, polynomial features) on a
+# matrix memory, and Dot and ATLAS with 4 heads of 16 (153 features; Dot needed 16 GB with 2).
+CPU_OVERRIDES = {"atlas": {"model.mixer.architecture": "linear", "model.mixer.num_heads": 4},
+                 "dot": {"model.mixer.num_heads": 4}}
 
 
 def _name(mixer: str) -> str:
@@ -41,16 +48,17 @@ def runs(preset: str) -> list[dict]:
     else:
         raise ValueError(f"unknown preset {preset!r}; known: cpu, full")
     out = []
+    cpu = preset == "cpu"
     for d, lr in grid:
         suffix = f"_d{d}" + ("" if lr is None else f"_lr{lr:g}")
         for mixer in MIXERS:
             out.append({"name": f"mqar_{_name(mixer)}{suffix}",
                         "config": f"configs/mqar.py:model={mixer},d_model={d},mixture=t64",
-                        "overrides": MQAR_RECIPE | {"train.steps": steps,
-                                                    "train.lr": lr or 1e-2}})
+                        "overrides": MQAR_RECIPE | {"train.steps": steps, "train.lr": lr or 1e-2}
+                        | (CPU_OVERRIDES.get(mixer, {}) if cpu else {})})
             out.append({"name": f"passkey_{_name(mixer)}{suffix}",
                         "config": f"configs/passkey.py:model={mixer},d_model={d},T={passkey_T},"
                                   "max_mult=4",
-                        "overrides": PASSKEY_RECIPE | {"train.steps": steps,
-                                                       "train.lr": lr or 3e-3}})
+                        "overrides": PASSKEY_RECIPE | {"train.steps": steps, "train.lr": lr or 3e-3}
+                        | (CPU_OVERRIDES.get(mixer, {}) if cpu else {})})
     return out
