@@ -34,6 +34,8 @@ PASSKEY_RECIPE = {"train.eval_every": 150, "train.checkpoint_every": 300,
 # matrix memory, and Dot and ATLAS with 4 heads of 16 (153 features; Dot needed 16 GB with 2).
 CPU_OVERRIDES = {"atlas": {"model.mixer.architecture": "linear", "model.mixer.num_heads": 4},
                  "dot": {"model.mixer.num_heads": 4}}
+# The MLP memory's loss went to NaN at step 94 of MQAR at lr 1e-2 (cpu preset, 2026-12-04).
+MQAR_LR = {"lmm_mlp": 3e-3}
 
 
 def _name(mixer: str) -> str:
@@ -54,7 +56,8 @@ def runs(preset: str) -> list[dict]:
         for mixer in MIXERS:
             out.append({"name": f"mqar_{_name(mixer)}{suffix}",
                         "config": f"configs/mqar.py:model={mixer},d_model={d},mixture=t64",
-                        "overrides": MQAR_RECIPE | {"train.steps": steps, "train.lr": lr or 1e-2}
+                        "overrides": MQAR_RECIPE
+                        | {"train.steps": steps, "train.lr": lr or MQAR_LR.get(mixer, 1e-2)}
                         | (CPU_OVERRIDES.get(mixer, {}) if cpu else {})})
             out.append({"name": f"passkey_{_name(mixer)}{suffix}",
                         "config": f"configs/passkey.py:model={mixer},d_model={d},T={passkey_T},"
