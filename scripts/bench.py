@@ -8,7 +8,10 @@ a full training step of the study models per mixer beside attention. JSON out.
     python scripts/bench.py --models all --d_model 128 --T 64,256,1024 --batch 64 \
         --out bench_model_step.json
 
---models (a comma list of mixers or presets, or `all`: the mixers of the studies) times one
+--models (a comma list of mixers or presets, each optionally with options as
+`name:key=value:...`, e.g. `mom:num_memories=4:top_k=2`, or `all`: the mixers of the studies;
+`--models mom`: MoM at M = 1, 2, 4, 8 (top-2) beside Gated DeltaNet with 2M heads of the
+same width, the single memory of the same total state) times one
 jitted train step (forward, backward, AdamW update; the state donated, as in training) of the
 2-layer study language model (`memjax.config.lm_config`: short convolution 4, no MLP, tied
 embeddings, vocabulary --vocab) on a synthetic MQAR-like batch: random tokens, labels at T/16
@@ -301,6 +304,15 @@ def markdown(rows) -> str:
 STUDY_MIXERS = ("attention", "based", "deltanet", "gated_deltanet", "gla", "retnet",
                 "linear_attention", "rwkv7", "mamba", "mamba2", "s4d", "s5")
 BASELINE = "attention"
+# Mixture of memories against the single Gated DeltaNet of the same total state (M memories of
+# 2 heads: one memory of 2M heads of the same width, every token written to each), and against
+# its plain self (the state of one memory). MoM's routed memories are heads of one delta-rule
+# call, so MoM(M) does the recurrence work of gated_deltanet(2M heads); the difference is routing.
+def mom_mixers(d_model: int) -> tuple[str, ...]:
+    return ("gated_deltanet",) + tuple(
+        spec for M in (1, 2, 4, 8) for spec in (
+            f"mom:num_memories={M}:top_k={min(M, 2)}",
+            f"gated_deltanet:num_heads={2 * M}:head_size={d_model // 2}"))
 
 
 def init_params(model, rng, sample):
@@ -323,14 +335,39 @@ def synthetic_batch(vocab: int, T: int, batch: int, seed: int = 0) -> dict:
     return supervised_batch({"inputs": inputs, "labels": labels})
 
 
+def parse_mixer_spec(spec: str) -> tuple[str, dict]:
+    """`"mom:num_memories=4:top_k=2"` -> `("mom", {"num_memories": 4, "top_k": 2})`; values are
+    read as Python literals where they parse (ints, floats, True/False), else kept as text."""
+    import ast
+
+    name, *items = spec.split(":")
+    options = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"mixer spec {spec!r}: {item!r} is not key=value")
+        try:
+            options[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key] = text
+    return name, options
+
+
 def model_step(mixer: str, d_model: int, T: int, batch: int, args):
-    """`(train_step, state, batch, num_params)` of the study LM with `mixer` at this shape."""
+    """`(train_step, state, batch, num_params)` of the study LM with `mixer` (a mixer spec,
+    `parse_mixer_spec`) at this shape."""
     from memjax.config import lm_config, to_dict, train_config
     from memjax.models import build_model
     from memjax.train.optim import build_optimizer
     from memjax.train.step import TrainState, make_train_step
 
-    model = build_model(to_dict(lm_config(args.vocab, d_model, mixer, num_layers=args.num_layers)))
+    name, options = parse_mixer_spec(mixer)
+    config = lm_config(args.vocab, d_model, name, num_layers=args.num_layers)
+    unknown = sorted(set(options) - set(config.mixer or {}))
+    if unknown:
+        raise SystemExit(f"mixer spec {mixer!r}: unknown option(s) {unknown} of {name}")
+    config.mixer.update(options)
+    model = build_model(to_dict(config))
     optimizer = build_optimizer(train_config())
     data = jax.device_put(synthetic_batch(args.vocab, T, batch))
     init_rng, state_rng = jax.random.split(jax.random.key(0))
@@ -411,13 +448,20 @@ def run_models(args) -> list[dict]:
     from memjax.config import MIXER_PRESETS
     from memjax.layers import MIXERS
 
-    mixers = STUDY_MIXERS if args.models == "all" else tuple(args.models.split(","))
-    unknown = [m for m in mixers if m not in MIXERS and m not in MIXER_PRESETS]
+    def mixers_at(d_model):
+        if args.models == "mom":
+            mixers = mom_mixers(d_model)
+        else:
+            mixers = STUDY_MIXERS if args.models == "all" else tuple(args.models.split(","))
+        return (BASELINE,) + tuple(m for m in mixers if m != BASELINE)
+
+    names = {parse_mixer_spec(m)[0] for shape in model_shapes(args) for m in mixers_at(shape[0])}
+    unknown = sorted(n for n in names if n not in MIXERS and n not in MIXER_PRESETS)
     if unknown:
         raise SystemExit(f"unknown mixer(s) {unknown}; known: {', '.join([*MIXERS.names(), *MIXER_PRESETS])}")
-    mixers = (BASELINE,) + tuple(m for m in mixers if m != BASELINE)
     rows = []
     for shape in model_shapes(args):
+        mixers = mixers_at(shape[0])
         for row in bench_shape(mixers, shape, args):
             rows.append(row)
             ratio = f" ({row['vs_attention']:.2f}x attention)" if "vs_attention" in row else ""

@@ -89,6 +89,20 @@ def test_bench_models_shapes_and_names():
         bench.run_models(bench.parse_args(["--models", "nope"]))
 
 
+def test_mixer_specs_carry_options_and_mom_pairs_each_mixture_with_its_state_match():
+    bench = load_bench()
+    assert bench.parse_mixer_spec("mom:num_memories=4:top_k=2:memory=gla") == (
+        "mom", {"num_memories": 4, "top_k": 2, "memory": "gla"})
+    assert bench.parse_mixer_spec("gla") == ("gla", {})
+    with pytest.raises(SystemExit, match="not key=value"):
+        bench.parse_mixer_spec("mom:num_memories")
+    specs = bench.mom_mixers(64)
+    assert "mom:num_memories=8:top_k=2" in specs
+    assert "gated_deltanet:num_heads=16:head_size=32" in specs  # 8 memories x 2 heads of 32
+    with pytest.raises(SystemExit, match="unknown option"):
+        bench.model_step("mom:nope=1", 16, 32, 2, bench.parse_args(["--models", "mom"]))
+
+
 def test_synthetic_batch_labels_a_sixteenth_of_each_row():
     bench = load_bench()
     batch = bench.synthetic_batch(vocab=50, T=64, batch=3)
