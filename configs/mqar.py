@@ -18,8 +18,11 @@ every 100 steps, early stop at 0.99. Other mixers and settings:
     python scripts/train.py --config configs/mqar.py:model=linear_attention --workdir runs/x \
         --config.train.steps=500 --config.model.d_model=128
 
-Arguments after `:` (comma-separated): `model=<mixer>` (a registered mixer or a preset below),
-`d_model=<int>`, `vocab=<int>` (default 8192, Zoology's), `T=<int>` and `pairs=<int>`,
+Arguments after `:` (comma-separated): `model=<mixer>` (a registered mixer, a preset of
+`memjax.config.MIXER_PRESETS`, a per-layer pattern such as `swa+gated_deltanet`, or a named
+pattern of `memjax.config.LAYER_PATTERNS` such as `based_published`, Based's 5-layer
+language-model layout: add `--config.model.num_layers=5`), `d_model=<int>`, `vocab=<int>`
+(default 8192, Zoology's), `T=<int>` and `pairs=<int>`,
 `mixture=` (`single`: train and test on (T, pairs) only; `ladder`: train on (T, pairs), (T/2, pairs/2), ... down to T=64 and test on each, which
 converges in far fewer steps; `t64`: Zoology's three T=64 test segments (4, 8 and 16 pairs),
 trained on the same three settings, a CPU-sized cut of Zoology; `zoology`: Zoology's full

@@ -27,7 +27,8 @@ on 16-31), then falls to 0.66 on 32-63 and chance (0.50) beyond.
 Arguments after `:` (comma-separated):
   `task=` parity | modular_addition | s3 | s5 | dyck (s3 and s5 are the task `permutation` with
     degree 3 and 5; see `memjax/tasks/state_tracking.py` for vocabularies and labels);
-  `model=` a registered mixer or a preset (`gated_deltanet_neg`, the default, `deltanet_neg`, ...);
+  `model=` a registered mixer or a preset (`gated_deltanet_neg`, the default, `deltanet_neg`, ...),
+    or a layer pattern (`swa+gated_deltanet`; `based_published` with `layers=5`);
   `d_model=`, `layers=`, `mlp_ratio=` (0: no MLP, as in the other synthetic tasks);
   `train_len=` the longest training length (default 64);
   `test_lens=` test lengths separated by `/`, e.g. `test_lens=64/128/256` (default: 1, 2, 4 and 8

@@ -67,8 +67,11 @@ MIXER_PRESETS = {
     "sliding_window": ("attention", {"window": 16}),
     # The sliding-window attention layer of hybrid stacks (e.g. model=swa+gated_deltanet).
     "swa": ("attention", {"window": 64}),
-    # Based as published for language modelling: Taylor linear attention plus a 64-token softmax
-    # window (`based` alone is the no-window Based of Zoology's MQAR figures).
+    # Based (Arora et al. 2024) comes three ways: `based` alone (no preset: Taylor linear
+    # attention, no window) is the Based of Zoology's MQAR figures; `based_lm` is one mixer that
+    # sums Taylor linear attention and a 64-token softmax window (every layer alike); the paper's
+    # language-model layout, where separate layers do the two and gated short convolutions do
+    # most of the rest, is the pattern LAYER_PATTERNS["based_published"].
     "based_lm": ("based", {"window": 64}),
     # Delta rule with beta in (0, 2): state-transition eigenvalues in (-1, 1], needed for parity.
     "deltanet_neg": ("deltanet", {"allow_neg_eigval": True}),
@@ -95,6 +98,18 @@ MIXER_PRESETS = {
 }
 
 
+# Named per-layer patterns (`model=<name>` in configs), expanded to the pattern string.
+LAYER_PATTERNS = {
+    # Based's language models (Arora et al. 2024, "Simple linear attention language models
+    # balance the recall-throughput tradeoff"): mostly BaseConv gated short convolutions (kernel
+    # 3, expansion 4), a Taylor linear-attention layer every 5th layer, each followed by a
+    # small sliding-window softmax attention layer (window 64 in the paper's text, `swa`; the
+    # released configs use 256: --config.model.mixers.swa.window=256). num_layers must be a
+    # multiple of 5.
+    "based_published": "based+swa+base_conv+base_conv+base_conv",
+}
+
+
 def mixer_config(model: str) -> ml_collections.ConfigDict:
     """`config.model.mixer` for a registered mixer or a preset: its name and every option."""
     from memjax.layers import mixer_options
@@ -109,12 +124,14 @@ def lm_config(vocab_size, d_model: int, model: str, num_layers: int = 2) -> ml_c
     `model`: a mixer or preset for every layer (`config.model.mixer`), or a per-layer pattern
     of them joined by "+" (`model=swa+gated_deltanet`: `config.model.layers`, repeated to
     `num_layers`, with each kind's options under `config.model.mixers.<kind>`; `mixer` is then
-    None). `vocab_size` may be a FieldReference shared with `config.task`. No MLP (Zoology's
+    None), or the name of such a pattern in LAYER_PATTERNS (`model=based_published`; its length
+    must divide `num_layers`). `vocab_size` may be a FieldReference shared with `config.task`. No MLP (Zoology's
     MQAR models use an identity "state mixer"), a width-4 short convolution in front of mixers
     that have none of their own, no position embedding.
     """
     from memjax.models.lm import layer_kinds
 
+    model = LAYER_PATTERNS.get(model, model)
     kinds = layer_kinds(model)
     model_cfg = ml_collections.ConfigDict()
     model_cfg.name = "lm"

@@ -85,3 +85,29 @@ def test_hybrid_pattern_sets_per_layer_mixers(tmp_path):
     assert result["step"] == 2 and 0 <= result["test/accuracy"] <= 1
     saved = (tmp_path / "run" / "config.json").read_text()
     assert '"layers": "swa+gated_deltanet"' in saved
+
+
+def test_named_pattern_based_published_builds_its_layers():
+    import jax
+    import jax.numpy as jnp
+
+    from memjax.config import LAYER_PATTERNS, lm_config, to_dict
+    from memjax.models import build_model
+
+    kinds = ["based", "swa", "base_conv", "base_conv", "base_conv"]
+    cfg = lm_config(256, 64, "based_published", num_layers=5)
+    assert cfg.layers == LAYER_PATTERNS["based_published"] == "+".join(kinds)
+    assert cfg.mixer is None
+    assert (cfg.mixers.based.window, cfg.mixers.swa.window) == (0, 64)
+    assert (cfg.mixers.base_conv.expand, cfg.mixers.base_conv.conv_size) == (4, 3)
+    model = build_model(to_dict(cfg))
+    names = [m["name"] for m in model.layer_mixers()]
+    assert names == ["based", "attention", "base_conv", "base_conv", "base_conv"]
+    assert [m.get("window") for m in model.layer_mixers()[:2]] == [0, 64]
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    params = model.init(jax.random.key(0), tokens)
+    assert model.apply(params, tokens).shape == (2, 8, 256)
+    assert "mixer" in params["params"]["block_2"] and "short_conv" not in params["params"]["block_2"]
+    with pytest.raises(ValueError, match="does not repeat evenly to num_layers = 4"):
+        build_model(to_dict(lm_config(256, 64, "based_published", num_layers=4))).init(
+            jax.random.key(0), tokens)

@@ -1,7 +1,7 @@
 """Flax Linen layers. Importing this package registers every mixer in `MIXERS`."""
 
 from memjax.layers import (  # noqa: F401  (registration)
-    attention, based, delta_net, gla, linear_attention, retnet, rwkv7, s4d, s5)
+    attention, base_conv, based, delta_net, gla, linear_attention, retnet, rwkv7, s4d, s5)
 from memjax.layers import mamba, mamba2  # noqa: F401  (registration)
 from memjax.layers import hippo_rnn, neural_memory, rnn, titans_mac  # noqa: F401  (registration)
 from memjax.layers import bmojo, hippocampus, infini_attention, mom  # noqa: F401  (registration)

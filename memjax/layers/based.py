@@ -28,11 +28,13 @@ class Based(nn.Module):
     out; decoding cache: the linear state `[B, H, F, d_model / H + 1]` (last column: the
     normaliser) and, with a window, its key/value cache.
 
-    Two published layouts, as config presets (`memjax.config.MIXER_PRESETS`): `based` (this
-    default: no window, the Based of Zoology's MQAR figures, where a short convolution precedes
-    it) and `based_lm` (window 64, the language-model Based of Arora et al. 2024). With a window
-    at least as long as the sequence the window branch is full softmax attention, so at T <= 64
-    `based_lm` can solve MQAR by attention alone.
+    As config presets (`memjax.config.MIXER_PRESETS`): `based` (this default: no window, the
+    Based of Zoology's MQAR figures, where a short convolution precedes it) and `based_lm`
+    (window 64: both branches in one mixer, every layer alike). The language models of Arora et
+    al. 2024 put the two branches in separate layers among BaseConv layers: the pattern
+    `based_published` (`memjax.config.LAYER_PATTERNS`). With a window at least as long as the
+    sequence the window branch is full softmax attention, so at T <= 64 `based_lm` can solve
+    MQAR by attention alone.
     """
 
     d_model: int

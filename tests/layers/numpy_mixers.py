@@ -154,6 +154,15 @@ def based_np(p, x, *, num_heads, feature_dim, window, window_heads):
     return y
 
 
+def base_conv_np(p, x, *, expand, conv_size):
+    """BaseConv (Arora et al. 2024): `y = W_out(conv(W_u x) * (W_g x))`, with `conv` the causal
+    depthwise convolution `c_t = b + sum_{i<conv_size} w_i u_{t-i}` over `expand * d` channels."""
+    width = expand * x.shape[-1]
+    u, g = dense(p["u"], x), dense(p["g"], x)
+    assert u.shape[-1] == g.shape[-1] == width and p["conv"]["weight"].shape[0] == conv_size
+    return dense(p["out"], causal_conv(p["conv"], u) * g)
+
+
 def deltanet_np(p, x, *, num_heads, gated, allow_neg_eigval, head_size):
     """DeltaNet (Yang et al. 2024) / Gated DeltaNet (Yang et al. 2025), value-major as in the papers:
 
@@ -738,6 +747,7 @@ def mom_np(p, x, *, num_heads, num_memories, top_k, shared_memory, capacity, mem
 
 ORACLES = {
     "attention": attention_np, "linear_attention": linear_attention_np, "based": based_np,
+    "base_conv": base_conv_np,
     "deltanet": deltanet_np, "gated_deltanet": deltanet_np, "gla": gla_np, "retnet": retnet_np,
     "rwkv7": rwkv7_np, "mamba": mamba_np, "mamba2": mamba2_np, "s4d": s4d_np, "s5": s5_np,
     "hippo_rnn": hippo_rnn_np, "lstm": lstm_np, "gru": gru_np, "lmm": lmm_np,

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import test_decoding
 from numpy_bmojo import ORACLES, eidetic_sets, fading_memory_np
 from test_decoding import VOCAB, model_for
 from test_mixer_oracles import (BATCH, D, QUICK_COMPILE, T, f32_values, perturbed_params,
@@ -193,7 +192,8 @@ def layer_in_pieces(layer, params, x, calls, max_len):
     return jnp.concatenate(pieces, axis=1), cache
 
 
-@pytest.mark.parametrize("memory", MEMORY_KINDS)
+@pytest.mark.parametrize("memory", ["gated_deltanet",
+                                    pytest.param("deltanet", marks=pytest.mark.slow)])
 def test_layer_decodes_any_split(memory):
     """The layer alone, window 4, 2 eidetic tokens, T = 20: several splits, from all-at-once
     to one token at a time, equal the full forward; the cached slots are the top 2."""
@@ -224,16 +224,19 @@ DECODE_LENGTH = 24
 DECODE_CASES = [
     (dict(window=5, eidetic=2, memory="gated_deltanet"), [4] + [1] * 20),  # before the boundary
     (dict(window=5, eidetic=2, memory="gated_deltanet"), [5] + [1] * 19),  # at it
-    (dict(window=5, eidetic=2, memory="deltanet"), [11] + [1] * 13),  # after it
+    pytest.param(dict(window=5, eidetic=2, memory="deltanet"), [11] + [1] * 13,  # after it
+                 marks=pytest.mark.slow),
     (dict(window=5, eidetic=3, memory="gated_deltanet"), [3, 1, 1, 6, 7, 1, 5]),  # multi-token
-    (dict(window=3, eidetic=8, memory="gated_deltanet"), [9, 2, 13]),  # slots fill late
-    (dict(window=24, eidetic=2, memory="gated_deltanet"), [10] + [1] * 14),  # no memory
+    pytest.param(dict(window=3, eidetic=8, memory="gated_deltanet"), [9, 2, 13],  # fill late
+                 marks=pytest.mark.slow),
+    pytest.param(dict(window=24, eidetic=2, memory="gated_deltanet"), [10] + [1] * 14,
+                 marks=pytest.mark.slow),  # no memory
 ]
 
 
 @pytest.mark.parametrize("options, calls", DECODE_CASES,
                          ids=[",".join(map(str, o.values())) + "-calls=" + ",".join(map(str, c[:3]))
-                              for o, c in DECODE_CASES])
+                              for o, c in (getattr(case, "values", case) for case in DECODE_CASES)])
 def test_model_prefill_then_decode_equals_full_forward(options, calls):
     assert sum(calls) == DECODE_LENGTH
     model = model_for("bmojo", **options)
@@ -250,13 +253,6 @@ def test_model_prefill_then_decode_equals_full_forward(options, calls):
     np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, axis=1)), np.asarray(full),
                                rtol=2e-4, atol=2e-4)
     assert int(cache["length"]) == DECODE_LENGTH
-
-
-@pytest.mark.parametrize("overrides", [{}, {"window": 5}])
-def test_registry_decoding_test_passes(overrides):
-    """test_decoding.py's registry-wide check (T = 37, prompt 33, window 0 and chunk_size 16
-    unless overridden) run on bmojo, which memjax.layers does not import yet."""
-    test_decoding.test_prefill_then_decode_equals_full_forward("bmojo", overrides)
 
 
 def test_cache_is_hippocampus_plus_the_eidetic_slots():

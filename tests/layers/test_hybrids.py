@@ -94,19 +94,22 @@ DECODE_CASES = [
     # Multi-token calls mid-segment (the sequential path) and after whole segments (parallel
     # from a non-empty memory).
     (dict(name="infini_attention", segment=4, delta=True), [5, 6, 1, 12]),
-    (dict(name="infini_attention", segment=16, delta=False), [17, 7]),
+    pytest.param(dict(name="infini_attention", segment=16, delta=False), [17, 7],
+                 marks=pytest.mark.slow),
     # The prompt fills the window exactly: the first decoded token sends token 0 to the memory.
     (dict(name="hippocampus", window=5, memory="gated_deltanet"), [5] + [1] * 19),
     (dict(name="hippocampus", window=5, memory="gated_deltanet"), [3, 1, 1, 6, 7, 1, 5]),
-    (dict(name="hippocampus", window=5, memory="deltanet"), [11] + [1] * 13),
+    pytest.param(dict(name="hippocampus", window=5, memory="deltanet"), [11] + [1] * 13,
+                 marks=pytest.mark.slow),
     # window >= max_len: the cache keeps no memory at all.
-    (dict(name="hippocampus", window=24, memory="gated_deltanet"), [10] + [1] * 14),
+    pytest.param(dict(name="hippocampus", window=24, memory="gated_deltanet"), [10] + [1] * 14,
+                 marks=pytest.mark.slow),
 ]
 
 
 @pytest.mark.parametrize("options, calls", DECODE_CASES,
                          ids=[",".join(map(str, o.values())) + "-calls=" + ",".join(map(str, c[:3]))
-                              for o, c in DECODE_CASES])
+                              for o, c in (getattr(case, "values", case) for case in DECODE_CASES)])
 def test_prefill_then_decode_equals_full_forward(options, calls):
     assert sum(calls) == DECODE_LENGTH
     options = dict(options)

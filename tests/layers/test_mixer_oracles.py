@@ -41,6 +41,8 @@ CASES = [
      (3e-15, 5e-11, 1.5e-2)),  # 2.6e-16 4.3e-12 3.5e-3
     ("based", dict(num_heads=2, feature_dim=4, window=3, window_heads=2, chunk_size=4),
      (3e-15,)),  # 2.8e-16
+    ("base_conv", dict(expand=2, conv_size=3), (7e-16, 5e-12, 1.8e-2)),  # 6.8e-17 4.6e-13 4.4e-3
+    ("base_conv", dict(expand=1, conv_size=5), (2e-15,)),  # 1.7e-16
     ("deltanet", dict(num_heads=2, gated=False, allow_neg_eigval=False, head_size=0,
                       chunk_size=4),
      (1e-6, 1.5e-6, 3.5e-2)),  # 9.5e-8 1.4e-7 8.4e-3
