@@ -9,12 +9,10 @@ import jax.numpy as jnp
 
 from memjax.layers import initializers
 from memjax.layers.attention import Attention
-from memjax.layers.conv import conv_silu_heads
-from memjax.layers.delta_net import log_decay
-from memjax.layers.heads import head_dim, l2_normalize, merge_heads, run_recurrent
-from memjax.layers.hippocampus import MEMORIES, Hippocampus
+from memjax.layers.heads import head_dim
+from memjax.layers.hippocampus import MEMORIES, Hippocampus, absorb_evicted, memory_readout
 from memjax.layers.registry import MIXERS
-from memjax.ops import delta_rule, delta_rule_step
+from memjax.ops import delta_rule
 
 
 def outranked(surprise, position, valid):
@@ -218,7 +216,7 @@ class BMojo(nn.Module):
     @nn.compact
     def __call__(self, x, cache=None):
         self._check_options()
-        T, heads = x.shape[1], self.num_heads
+        heads = self.num_heads
         # Without eidetic tokens, or when no token can leave the window: hippocampus's attention.
         plain = not (self.eidetic and self.window) or (cache is not None and "state" not in cache)
         if plain:
@@ -230,30 +228,13 @@ class BMojo(nn.Module):
                 y, attention_cache = attention(x, cache["attention"])
                 if "state" not in cache:  # nothing leaves the window before max_len: no memory
                     return y, {"attention": attention_cache}
-        # The memory, as hippocampus's.
-        streams, new_cache = conv_silu_heads(x, "qkv", heads, self.conv_size, cache)
-        beta = initializers.dense(heads, name="beta", bias=True)(x)
-        beta = jax.nn.sigmoid(beta.astype(jnp.float32))
-        inputs = {"k": l2_normalize(streams["k"]), "v": streams["v"], "beta": beta}
-        if self._gated():
-            inputs["g"] = log_decay(self, x, heads)
-        if cache is None:  # zeros in front: window = 0 never lets a token leave
-            lag = min(self.window or T, T)
-            pending = {n: jnp.zeros((a.shape[0], lag, *a.shape[2:]), a.dtype)
-                       for n, a in inputs.items()}
-        else:
-            pending = cache["pending"]
-        joined = {n: jnp.concatenate([pending[n], a.astype(pending[n].dtype)], axis=1)
-                  for n, a in inputs.items()}
-        absorbed = {n: a[:, :T] for n, a in joined.items()}
-        state = None if cache is None else cache["state"]
-        o, new_state = run_recurrent(delta_rule, delta_rule_step, state,
-                                     {"impl": self.impl, "chunk_size": self.chunk_size},
-                                     q=l2_normalize(streams["q"]), **absorbed)
+        o, absorbed, new_cache = absorb_evicted(self, x, cache, heads, self.window,
+                                                self.conv_size, self._gated(), self.impl,
+                                                self.chunk_size)
         if not plain:
             attention = EideticAttention(self.d_model, heads, self.window, self.eidetic,
                                          name="attention")
-            surprise = self._surprise(absorbed, state)
+            surprise = self._surprise(absorbed, None if cache is None else cache["state"])
             self.sow("intermediates", "surprise", surprise)
             if cache is None:
                 y = attention(x, surprise)
@@ -261,13 +242,10 @@ class BMojo(nn.Module):
                 y, attention_cache, slots = attention(x, surprise, cache["attention"],
                                                       cache["eidetic"])
                 new_cache["eidetic"] = slots
-        o = merge_heads(nn.RMSNorm(name="head_norm")(o.astype(x.dtype)))
-        o = o * nn.silu(initializers.dense(self.d_model, name="gate")(x))
-        y = y + initializers.dense_out(self.d_model, name="out")(o)
+        y = y + memory_readout(o, x, self.d_model)
         if cache is None:
             return y
-        return y, new_cache | {"attention": attention_cache, "state": new_state,
-                               "pending": {n: a[:, T:] for n, a in joined.items()}}
+        return y, new_cache | {"attention": attention_cache}
 
     def _surprise(self, absorbed, state):
         """``e_j = mean_h ||v_j - exp(g_j) S_prev^T k_j||^2`` of the T tokens absorbed in this

@@ -18,6 +18,51 @@ from memjax.ops import delta_rule, delta_rule_step
 MEMORIES = ("gated_deltanet", "deltanet")
 
 
+def absorb_evicted(module: nn.Module, x, cache, num_heads: int, window: int, conv_size: int,
+                   gated: bool, impl: str, chunk_size: int):
+    """The (Gated) DeltaNet memory of the tokens that left a window of ``window`` tokens, read
+    at every position of x (``[B, T, d_model]``): q, k, v = SiLU(ShortConv(W x)) (q, k
+    L2-normalised), ``beta = sigmoid(w_b x)``, gated ``g`` as Gated DeltaNet's; the k, v, beta,
+    g streams are delayed by ``window`` positions (the cache's ``pending`` inputs, or zeros that
+    leave the state unchanged), so the read at t holds exactly the tokens <= t - window. Call
+    inside a compact module: it creates q, k, v, their convolutions, beta (and a, A_log,
+    dt_bias) there. Returns ``(o [B, T, H, d], absorbed inputs {k, v, beta[, g]} [B, T, ...],
+    the cache's memory entries {conv_*, state, pending})`` (the entries are empty without a
+    cache)."""
+    T = x.shape[1]
+    streams, new_cache = conv_silu_heads(x, "qkv", num_heads, conv_size, cache)
+    beta = initializers.dense(num_heads, name="beta", bias=True)(x)
+    inputs = {"k": l2_normalize(streams["k"]), "v": streams["v"],
+              "beta": jax.nn.sigmoid(beta.astype(jnp.float32))}
+    if gated:
+        inputs["g"] = log_decay(module, x, num_heads)  # Gated DeltaNet's gate and parameters
+    if cache is None:  # zeros in front: window = 0 never lets a token leave
+        lag = min(window or T, T)
+        pending = {n: jnp.zeros((a.shape[0], lag, *a.shape[2:]), a.dtype)
+                   for n, a in inputs.items()}
+    else:
+        pending = cache["pending"]
+    # The memory's inputs in position order, from the oldest token still in the window: the
+    # first T leave the window as the T new tokens arrive, the rest stay pending.
+    joined = {n: jnp.concatenate([pending[n], a.astype(pending[n].dtype)], axis=1)
+              for n, a in inputs.items()}
+    absorbed = {n: a[:, :T] for n, a in joined.items()}
+    o, state = run_recurrent(delta_rule, delta_rule_step, None if cache is None else cache["state"],
+                             {"impl": impl, "chunk_size": chunk_size},
+                             q=l2_normalize(streams["q"]), **absorbed)
+    if cache is not None:
+        new_cache |= {"state": state, "pending": {n: a[:, T:] for n, a in joined.items()}}
+    return o, absorbed, new_cache
+
+
+def memory_readout(o, x, d_model: int):
+    """The memory branch's output ``W_out(RMSNorm(o) * silu(W_g x))`` (per-head RMSNorm
+    ``head_norm``, Dense ``gate`` and ``out``; call inside a compact module)."""
+    o = merge_heads(nn.RMSNorm(name="head_norm")(o.astype(x.dtype)))
+    o = o * nn.silu(initializers.dense(d_model, name="gate")(x))
+    return initializers.dense_out(d_model, name="out")(o)
+
+
 @MIXERS.register("hippocampus")
 class Hippocampus(nn.Module):
     """AHN: exact attention over the last ``window`` tokens plus a memory of the tokens before.
@@ -64,7 +109,7 @@ class Hippocampus(nn.Module):
     @nn.compact
     def __call__(self, x, cache=None):
         self._check_options()
-        T, heads = x.shape[1], self.num_heads
+        heads = self.num_heads
         attention = Attention(self.d_model, heads, self.window, impl=self.impl,
                               chunk_size=self.chunk_size, name="attention")
         if cache is None:
@@ -73,34 +118,12 @@ class Hippocampus(nn.Module):
             y, attention_cache = attention(x, cache["attention"])
             if "state" not in cache:  # nothing leaves the window before max_len: no memory
                 return y, {"attention": attention_cache}
-        streams, new_cache = conv_silu_heads(x, "qkv", heads, self.conv_size, cache)
-        beta = initializers.dense(heads, name="beta", bias=True)(x)
-        beta = jax.nn.sigmoid(beta.astype(jnp.float32))
-        inputs = {"k": l2_normalize(streams["k"]), "v": streams["v"], "beta": beta}
-        if self._gated():
-            inputs["g"] = log_decay(self, x, heads)  # Gated DeltaNet's gate and parameters
-        if cache is None:  # zeros in front: window = 0 never lets a token leave
-            lag = min(self.window or T, T)
-            pending = {n: jnp.zeros((a.shape[0], lag, *a.shape[2:]), a.dtype)
-                       for n, a in inputs.items()}
-        else:
-            pending = cache["pending"]
-        # The memory's inputs in position order, from the oldest token still in the window:
-        # the first T leave the window as the T new tokens arrive, the rest stay pending.
-        joined = {n: jnp.concatenate([pending[n], a.astype(pending[n].dtype)], axis=1)
-                  for n, a in inputs.items()}
-        absorbed = {n: a[:, :T] for n, a in joined.items()}
-        o, state = run_recurrent(delta_rule, delta_rule_step,
-                                 None if cache is None else cache["state"],
-                                 {"impl": self.impl, "chunk_size": self.chunk_size},
-                                 q=l2_normalize(streams["q"]), **absorbed)
-        o = merge_heads(nn.RMSNorm(name="head_norm")(o.astype(x.dtype)))
-        o = o * nn.silu(initializers.dense(self.d_model, name="gate")(x))
-        y = y + initializers.dense_out(self.d_model, name="out")(o)
+        o, _, memory_cache = absorb_evicted(self, x, cache, heads, self.window, self.conv_size,
+                                            self._gated(), self.impl, self.chunk_size)
+        y = y + memory_readout(o, x, self.d_model)
         if cache is None:
             return y
-        return y, new_cache | {"attention": attention_cache, "state": state,
-                               "pending": {n: a[:, T:] for n, a in joined.items()}}
+        return y, memory_cache | {"attention": attention_cache}
 
     def _gated(self) -> bool:
         return self.memory == "gated_deltanet"
