@@ -57,18 +57,19 @@ def infini_attention_np(p, x, *, num_heads, segment, delta):
     return dense(p["out"], A.reshape(B, T, -1))
 
 
-def hippocampus_np(p, x, *, num_heads, window, memory):
-    """AHN: sliding-window attention over the last `window` tokens plus a (Gated) DeltaNet
-    memory that takes in token t - window when token t arrives (value-major, `S [V, K]`):
+def fading_memory_np(p, x, *, num_heads, window, memory):
+    """The memory branch of hippocampus (and B'MOJO) and the surprise of each token as it leaves
+    the window (B'MOJO's selection signal):
+    `(W_out(RMSNorm(o) * silu(W_g x)) [B, T, d], e [B, T])`, e NaN for tokens that never leave.
 
-    `S <- alpha_s S (I - beta_s k_s k_s^T) + beta_s v_s k_s^T` for s = t - window >= 0, then
-    `o_t = S q_t / sqrt(d)`; q, k, v = silu(conv(W x)) per head, q and k unit;
-    `beta = sigmoid(W_b x + b)`; gated: `alpha = exp(-exp(A_log) softplus(W_a x + dt_bias))`,
-    else 1. `y = attention + W_out(RMSNorm(o) * silu(W_g x))`. window = 0: full attention and
-    an empty memory.
+    Per token t, with the memory value-major (`S [V, K]`, read as `S q`): token s = t - window
+    (if window > 0 and s >= 0) leaves the window: `e_s = mean_h ||v_s - alpha_s S k_s||^2` (the
+    prediction of the state before it, decayed by its own gate), then
+    `S <- alpha_s S (I - beta_s k_s k_s^T) + beta_s v_s k_s^T`; `o_t = S q_t / sqrt(d)`.
+    q, k, v = silu(conv(W x)) per head, q and k unit; `beta = sigmoid(W_b x + b)`; gated:
+    `alpha = exp(-exp(A_log) softplus(W_a x + dt_bias))`, else 1.
     """
     assert memory in ("gated_deltanet", "deltanet"), memory
-    y = attention_np(p["attention"], x, num_heads=num_heads, window=window)
     B, T, d = x.shape
     q, k, v = (heads(silu(causal_conv(p[f"conv_{n}"], dense(p[n], x))), num_heads) for n in "qkv")
     q, k = l2_unit(q), l2_unit(k)
@@ -79,18 +80,29 @@ def hippocampus_np(p, x, *, num_heads, window, memory):
         alpha = np.ones_like(beta)
     w = d // num_heads
     S = np.zeros((B, num_heads, w, w))  # [value, key]
+    surprise = np.full((B, T), np.nan)
     o = np.zeros_like(v)
     eye = np.eye(w)
     for t in range(T):
-        s = t - window  # the token that leaves the window as t arrives
+        s = t - window
         if window and s >= 0:
+            prediction = alpha[:, s, :, None] * np.einsum("bhvk,bhk->bhv", S, k[:, s])
+            surprise[:, s] = np.mean(np.sum((v[:, s] - prediction) ** 2, axis=-1), axis=-1)
             ks, bs = k[:, s], beta[:, s, :, None, None]
             transition = eye - bs * np.einsum("bhi,bhj->bhij", ks, ks)
             S = (alpha[:, s, :, None, None] * (S @ transition)
                  + bs * np.einsum("bhv,bhk->bhvk", v[:, s], ks))
         o[:, t] = np.einsum("bhvk,bhk->bhv", S, q[:, t]) / np.sqrt(w)
     o = rms_norm(o, p["head_norm"]["scale"]).reshape(B, T, d) * silu(dense(p["gate"], x))
-    return y + dense(p["out"], o)
+    return dense(p["out"], o), surprise
+
+
+def hippocampus_np(p, x, *, num_heads, window, memory):
+    """AHN: sliding-window attention over the last `window` tokens plus the (Gated) DeltaNet
+    memory of the tokens that left it (`fading_memory_np`): `y = attention + W_out(RMSNorm(o) *
+    silu(W_g x))`. window = 0: full attention and an empty memory."""
+    y = attention_np(p["attention"], x, num_heads=num_heads, window=window)
+    return y + fading_memory_np(p, x, num_heads=num_heads, window=window, memory=memory)[0]
 
 
 ORACLES = {"infini_attention": infini_attention_np, "hippocampus": hippocampus_np}

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from numpy_bmojo import ORACLES, eidetic_sets, fading_memory_np
-from test_decoding import VOCAB, model_for
 from test_mixer_oracles import (BATCH, D, QUICK_COMPILE, T, f32_values, perturbed_params,
                                 quick_jit, rel_err)
 
@@ -216,43 +215,6 @@ def test_layer_decodes_any_split(memory):
     # Fewer evicted tokens than slots: empty slots stay marked -1.
     _, cache = layer_in_pieces(layer, params, x[:, :5], [2, 3], 20)
     assert np.all(np.asarray(cache["eidetic"]["position"]) == [[0, -1]] * BATCH)
-
-
-DECODE_LENGTH = 24
-
-# (mixer options, the lengths of the successive calls; 1 = a decode step), window 5.
-DECODE_CASES = [
-    (dict(window=5, eidetic=2, memory="gated_deltanet"), [4] + [1] * 20),  # before the boundary
-    (dict(window=5, eidetic=2, memory="gated_deltanet"), [5] + [1] * 19),  # at it
-    pytest.param(dict(window=5, eidetic=2, memory="deltanet"), [11] + [1] * 13,  # after it
-                 marks=pytest.mark.slow),
-    (dict(window=5, eidetic=3, memory="gated_deltanet"), [3, 1, 1, 6, 7, 1, 5]),  # multi-token
-    pytest.param(dict(window=3, eidetic=8, memory="gated_deltanet"), [9, 2, 13],  # fill late
-                 marks=pytest.mark.slow),
-    pytest.param(dict(window=24, eidetic=2, memory="gated_deltanet"), [10] + [1] * 14,
-                 marks=pytest.mark.slow),  # no memory
-]
-
-
-@pytest.mark.parametrize("options, calls", DECODE_CASES,
-                         ids=[",".join(map(str, o.values())) + "-calls=" + ",".join(map(str, c[:3]))
-                              for o, c in (getattr(case, "values", case) for case in DECODE_CASES)])
-def test_model_prefill_then_decode_equals_full_forward(options, calls):
-    assert sum(calls) == DECODE_LENGTH
-    model = model_for("bmojo", **options)
-    tokens = jax.random.randint(jax.random.key(1), (2, DECODE_LENGTH), 0, VOCAB)
-    params = model.init(jax.random.key(0), tokens)["params"]
-    full = model.apply({"params": params}, tokens)
-    apply = compiled_per_shape(lambda p, x, c: model.apply({"params": p}, x, cache=c))
-    cache = model.init_cache(2, DECODE_LENGTH)
-    pieces, start = [], 0
-    for length in calls:
-        logits, cache = apply(params, tokens[:, start:start + length], cache)
-        pieces.append(logits)
-        start += length
-    np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, axis=1)), np.asarray(full),
-                               rtol=2e-4, atol=2e-4)
-    assert int(cache["length"]) == DECODE_LENGTH
 
 
 def test_cache_is_hippocampus_plus_the_eidetic_slots():

@@ -104,6 +104,17 @@ DECODE_CASES = [
     # window >= max_len: the cache keeps no memory at all.
     pytest.param(dict(name="hippocampus", window=24, memory="gated_deltanet"), [10] + [1] * 14,
                  marks=pytest.mark.slow),
+    # B'MOJO, window 5: prompts ending before, at and after the window boundary (the eidetic
+    # slots fill as tokens leave), multi-token calls, more slots than evicted tokens.
+    (dict(name="bmojo", window=5, eidetic=2, memory="gated_deltanet"), [4] + [1] * 20),
+    (dict(name="bmojo", window=5, eidetic=2, memory="gated_deltanet"), [5] + [1] * 19),
+    pytest.param(dict(name="bmojo", window=5, eidetic=2, memory="deltanet"), [11] + [1] * 13,
+                 marks=pytest.mark.slow),
+    (dict(name="bmojo", window=5, eidetic=3, memory="gated_deltanet"), [3, 1, 1, 6, 7, 1, 5]),
+    pytest.param(dict(name="bmojo", window=3, eidetic=8, memory="gated_deltanet"), [9, 2, 13],
+                 marks=pytest.mark.slow),
+    pytest.param(dict(name="bmojo", window=24, eidetic=2, memory="gated_deltanet"),
+                 [10] + [1] * 14, marks=pytest.mark.slow),
 ]
 
 
