@@ -93,8 +93,11 @@ MIXER_PRESETS = {
                       "omega_window": 4, "feature_map": "polynomial", "feature_degree": 2}),
     "deep_transformer": ("lmm", {"architecture": "linear", "loss": "dot", "momentum": False,
                                  "feature_map": "polynomial", "feature_degree": 2}),
+    # max_lr 0.1: the Omega rule sums 4 tokens' l2 gradients on features of squared norm ~2.3,
+    # so theta * curvature reaches ~18 theta; at the default 1.0 the inner loop diverged at
+    # initialisation (NaN at step 2 of MQAR).
     "dot": ("lmm", {"architecture": "linear", "omega_window": 4, "feature_map": "polynomial",
-                    "feature_degree": 2}),
+                    "feature_degree": 2, "max_lr": 0.1}),
 }
 
 
