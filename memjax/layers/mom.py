@@ -131,13 +131,13 @@ class MixtureOfMemories(nn.Module):
         q_stream, q_cache = conv_silu_heads(x, "q", H, self.conv_size, cache)
         kv, kv_cache = conv_silu_heads(x, "kv", slots * H, self.conv_size, cache,
                                        width=slots * self.d_model)
-        # [B, T, slots] writes per slot: the shared memory takes every token
+        # [B, T, slots * H]: 1 where the token writes the slot's heads (the shared memory: always)
         writes = jnp.concatenate([accepted, jnp.ones(accepted.shape[:2] + (slots - M,), bool)],
-                                 axis=-1).astype(jnp.float32)
-        per_head = lambda a: jnp.repeat(a, H, axis=-1)  # [B, T, slots] -> [B, T, slots * H]
+                                 axis=-1)
+        writes = jnp.repeat(writes.astype(jnp.float32), H, axis=-1)
         q = l2_normalize(q_stream["q"])
         inputs = {"q": jnp.tile(q, (1, 1, slots, 1)), "k": l2_normalize(kv["k"]), "v": kv["v"]}
-        op, step = self._inputs_for_family(x, inputs, writes, per_head, slots)
+        op, step = self._inputs_for_family(x, inputs, writes, slots)
         options = {"impl": self.impl, "chunk_size": self.chunk_size}
         o, state = run_recurrent(op, step, None if cache is None else cache["state"], options,
                                  **inputs)
@@ -154,10 +154,11 @@ class MixtureOfMemories(nn.Module):
             new_cache |= {"counts": counts, "position": cache["position"] + x.shape[1]}
         return y, new_cache
 
-    def _inputs_for_family(self, x, inputs, writes, per_head, slots):
-        """Adds the family's gates to ``inputs`` (masked by ``writes``) and returns its operator
-        and step. Unrouted tokens: beta = 0 or k = 0, and g = 0."""
-        H, masked = self.num_heads, per_head(writes)
+    def _inputs_for_family(self, x, inputs, masked, slots):
+        """Adds the family's gates to ``inputs`` (times ``masked [B, T, slots * H]``, the
+        writes) and returns its operator and step. Unrouted tokens: beta = 0 or k = 0, and
+        g = 0."""
+        H = self.num_heads
         if self.memory in ("gated_deltanet", "deltanet"):
             beta = initializers.dense(slots * H, name="beta", bias=True)(x)
             inputs["beta"] = jax.nn.sigmoid(beta.astype(jnp.float32)) * masked
