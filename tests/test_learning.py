@@ -31,6 +31,9 @@ KNOWN_FAILURES: dict[str, str] = {
            "0.022; its silu output gate slows it (without it 0.72 pooled by step 500 on "
            "zoology_mqar, docs/results/zoology_mqar)",
     "gru": "a prior, not recall: 0.250 after 1500 steps, probe 0.227 / 0.238 (measured 2026-12-04)",
+    "hippocampus": "recall, short of 0.99: 0.916 after 1500 steps (0.826 at 700, 0.912 at 1300), "
+                   "probe 0.912 / 0.022 (measured 2026-12-04; window 16, so pairs more than 16 "
+                   "tokens back come from the Gated DeltaNet memory of evicted tokens)",
     "hippo_rnn": "a prior, not recall: 0.242 after 1500 steps, probe 0.245 / 0.227 (measured "
                  "2026-12-04)",
     "linear_attention": "interference: every token is added to the 32 x 32 state and nothing is "
