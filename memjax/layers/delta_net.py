@@ -15,7 +15,8 @@ from memjax.ops import delta_rule, delta_rule_step
 def log_decay(module: nn.Module, x, num_heads: int, copies: int | None = None):
     """Gated DeltaNet's decay ``g = -exp(A_log) softplus(W_a x + dt_bias)`` (g <= 0, float32),
     ``[B, T, H]``; with ``copies`` (several memories of H heads each, as in a mixture of
-    memories) ``[B, T, copies, H]``, each copy with its own W_a and A_log, dt_bias [H] shared.
+    memories) ``[B, T, copies, H]``: each copy has its own columns of W_a, and A_log and
+    dt_bias (``[H]``) are shared by the copies.
     Call inside a compact module: it creates ``A_log``, ``dt_bias`` and the Dense ``a`` there."""
     a_log = module.param("A_log", lambda key: jnp.log(
         jax.random.uniform(key, (num_heads,), minval=1.0, maxval=16.0)))
