@@ -78,9 +78,9 @@ class NeuralMemory(nn.Module):
     (``1/i!`` at init: the exponential kernel's truncation); the MLP memories then drop their
     residual (``phi(k)`` and v differ in size). The memory options are ``MemorySpec``'s
     (``memory_chunk``: the inner mini-batch, a model property; ``omega_window``: ATLAS's Omega
-    window c; ``optimizer="muon"``: ATLAS's). Decoding cache: the ``MemoryState`` (base point, weights and momentum: three copies of the memory weights,
-    plus the Omega window's last c - 1 keys and values), ``started`` and the three convolution
-    histories.
+    window c; ``optimizer="muon"``: ATLAS's). Decoding cache: the ``MemoryState`` (base
+    point, weights and momentum: three copies of the memory weights, plus the Omega window's
+    last c - 1 keys and values), ``started`` and the three convolution histories.
     """
 
     own_short_conv = True  # the block adds no short convolution in front (not a field)
