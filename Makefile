@@ -32,7 +32,7 @@ run: $(STAMP)
 
 # Fast suite (< 20 min on 2 CPU cores). Slow checks are marked `slow` and run by test-slow.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -m "not slow" tests
+	$(PY) -m pytest -n 2 -m "not slow" --durations=25 tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 -m slow tests

@@ -212,6 +212,9 @@ class MemoryAsGate(NeuralMemory):
     Decoding cache: the attention window's keys and values and the memory's cache.
     """
 
+    # The block's short convolution goes in front, as for attention: the attention branch reads
+    # x unconvolved (the memory branch keeps its own convolutions after it).
+    own_short_conv = False
     window: int = 64
     attn_heads: int = 2
     persistent_tokens: int = 4

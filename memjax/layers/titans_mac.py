@@ -107,6 +107,9 @@ class MemoryAsContext(NeuralMemory):
     segments of the segment's value (a last partial segment counts its zero padding).
     """
 
+    # The block's short convolution goes in front: the attention reads x unconvolved, and without
+    # it has no local order (MAC failed passkey even with the needle in the query's own segment).
+    own_short_conv = False
     segment: int = 16
     attn_heads: int = 2
     persistent_tokens: int = 4

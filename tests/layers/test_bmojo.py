@@ -191,9 +191,16 @@ def layer_in_pieces(layer, params, x, calls, max_len):
     return jnp.concatenate(pieces, axis=1), cache
 
 
-@pytest.mark.parametrize("memory", ["gated_deltanet",
-                                    pytest.param("deltanet", marks=pytest.mark.slow)])
-def test_layer_decodes_any_split(memory):
+# Each distinct call length compiles once: `make test` runs three splits of four lengths.
+ALL_SPLITS = ([20], [1] * 20, [4, 4, 1, 11], [3, 1, 7, 9], [5, 2, 13])
+
+
+@pytest.mark.parametrize("memory, splits", [
+    pytest.param("gated_deltanet", ALL_SPLITS[:3], id="gated_deltanet"),
+    pytest.param("gated_deltanet", ALL_SPLITS[3:], id="gated_deltanet-more",
+                 marks=pytest.mark.slow),
+    pytest.param("deltanet", ALL_SPLITS, id="deltanet", marks=pytest.mark.slow)])
+def test_layer_decodes_any_split(memory, splits):
     """The layer alone, window 4, 2 eidetic tokens, T = 20: several splits, from all-at-once
     to one token at a time, equal the full forward; the cached slots are the top 2."""
     layer = build_mixer(D, {"name": "bmojo", "num_heads": 2, "window": 4, "eidetic": 2,
@@ -204,7 +211,7 @@ def test_layer_decodes_any_split(memory):
         jax.random.key(2), a.shape), params)
     full, state = layer.apply({"params": params}, x, mutable=["intermediates"])
     (surprise,) = state["intermediates"]["surprise"]
-    for calls in ([20], [1] * 20, [3, 1, 7, 9], [4, 4, 1, 11], [5, 2, 13]):
+    for calls in splits:
         got, cache = layer_in_pieces(layer, params, x, calls, 20)
         np.testing.assert_allclose(got, full, rtol=2e-5, atol=2e-5, err_msg=str(calls))
         slots = cache["eidetic"]

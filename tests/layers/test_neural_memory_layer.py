@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memjax.layers import build_mixer
+from memjax.layers.registry import has_own_short_conv
 
 D, T = 16, 24
 
@@ -68,3 +69,10 @@ def test_mac_prefill_must_start_at_a_segment_boundary():
     assert np.all(np.isfinite(y))
     y, _ = layer.apply({"params": params}, x[:, 1:], cache)
     assert np.all(np.isnan(y))
+
+
+def test_the_block_convolves_in_front_of_titans_attention_branches():
+    # MAC's and MAG's attention read x unconvolved: without the block's short convolution they
+    # have no local order (MAC failed passkey with the needle in the query's own segment).
+    assert not has_own_short_conv("titans_mac") and not has_own_short_conv("titans_mag")
+    assert has_own_short_conv("lmm")  # the memory alone convolves its q, k, v itself
