@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RUNDIR ?= runs/mqar_main
 
-.PHONY: setup constraints run test test-slow test-all bench clean
+.PHONY: setup constraints run test test-slow test-kernels test-all bench clean
 
 # Installs the exact versions pinned in constraints.txt (pip included), so tests and committed
 # results are reproduced with the packages they were produced with.
@@ -36,6 +36,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 -m slow tests
+
+# The Pallas kernels in interpret mode and their TPU / CUDA lowering, slow cases included.
+test-kernels: $(STAMP)
+	$(PY) -m pytest -n 2 tests/kernels tests/ops/test_dispatch.py
 
 test-all: $(STAMP)
 	$(PY) -m pytest -n 2 tests

@@ -14,16 +14,22 @@ returns what it returns. ``impl="auto"`` only picks a kernel where the auto tabl
 ``memjax/ops/dispatch.py`` says so, after a benchmark on that hardware
 (see docs/design.md, Kernel slot).
 
-This package never imports memjax layers; ``memjax.ops.dispatch`` imports it.
+Kernel modules register themselves when imported; ``lookup`` and ``registered`` import them on
+first use (``KERNEL_MODULES``), so importing memjax does not import Pallas. This package never
+imports memjax layers; ``memjax.ops.dispatch`` imports it.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 __all__ = ["PLATFORMS", "lookup", "register", "registered", "unregister"]
 
 PLATFORMS = ("cpu", "gpu", "tpu")
+
+# The modules that register kernels, imported on the first lookup.
+KERNEL_MODULES = ("kernels.linear_attention", "kernels.delta_rule", "kernels.ssd")
 
 _KERNELS: dict[tuple[str, str], Callable] = {}
 
@@ -54,11 +60,18 @@ def unregister(op: str, *, platform: str) -> None:
     del _KERNELS[(op, platform)]
 
 
+def _load_kernel_modules() -> None:
+    for module in KERNEL_MODULES:
+        importlib.import_module(module)  # cached after the first call
+
+
 def lookup(op: str, platform: str) -> Callable | None:
     """The kernel registered for ``op`` on ``platform``, or None."""
+    _load_kernel_modules()
     return _KERNELS.get((op, platform))
 
 
 def registered() -> list[tuple[str, str]]:
     """Every registered (op, platform), sorted."""
+    _load_kernel_modules()
     return sorted(_KERNELS)

@@ -16,16 +16,21 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def toy_kernel():
-    """A stand-in kernel for linear_attention on this platform, unregistered afterwards."""
+    """A stand-in kernel for linear_attention on this platform (the real one restored after)."""
     calls = []
 
     def kernel(q, k, v, g=None, *, scale, initial_state, normalize, chunk_size):
         calls.append(dict(scale=scale, normalize=normalize, chunk_size=chunk_size, g=g))
         return jnp.full(v.shape, 7.0, v.dtype), initial_state
 
+    real = kernels.lookup("linear_attention", dispatch.platform())
+    if real is not None:
+        kernels.unregister("linear_attention", platform=dispatch.platform())
     kernels.register("linear_attention", platform=dispatch.platform())(kernel)
     yield calls
     kernels.unregister("linear_attention", platform=dispatch.platform())
+    if real is not None:
+        kernels.register("linear_attention", platform=dispatch.platform())(real)
 
 
 def test_pallas_dispatches_to_the_registered_kernel(toy_kernel):
@@ -38,14 +43,15 @@ def test_pallas_dispatches_to_the_registered_kernel(toy_kernel):
     # Other operators and impls are untouched by the registration.
     o_ref, _ = ops.linear_attention(q, k, v, initial_state=h0, impl="reference")
     assert not np.allclose(np.asarray(o_ref), 7.0)
-    with pytest.raises(ValueError, match="no kernel is registered for 'delta_rule'"):
-        ops.delta_rule(q, k, v, jnp.ones((1, 3, 2)), impl="pallas")
+    with pytest.raises(ValueError, match="no kernel is registered for 'generalized_delta_rule'"):
+        ops.generalized_delta_rule(q, k, v, -jnp.ones((1, 3, 2, 4)), q, k, impl="pallas")
 
 
 def test_missing_kernel_error_lists_what_exists(toy_kernel):
-    with pytest.raises(ValueError, match=r"registered kernels: \[\('linear_attention', '\w+'\)\]; "
-                                         r"XLA forms of ssd: \('reference', 'chunk'\)"):
-        dispatch.resolve("ssd", "pallas")
+    with pytest.raises(ValueError, match=r"registered kernels: \[\('delta_rule', 'cpu'\), .*"
+                                         r"\('ssd', 'tpu'\)\]; XLA forms of s5: "
+                                         r"\('reference', 'scan', 'chunk'\)"):
+        dispatch.resolve("s5", "pallas")
 
 
 def test_resolve_validates_names_and_platforms():
