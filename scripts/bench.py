@@ -24,7 +24,14 @@ Each row has the median step time, compile time, tokens/s, compiled temporary me
 
 The attention-like families are shaped by --B, --H, --K, --V; the state-space scans by --B, --D
 (channels; ssd splits them into --H heads) and --N (state per channel; S5's shared modes).
-Every op runs each of its forms named in --impls (default: all of them).
+Every op runs each of its forms named in --impls (default: all of its XLA forms); `pallas` adds
+the Pallas kernel of linear_attention(_head_decay), (gated_)delta_rule and ssd on the current
+platform. On an accelerator, the kernel table of issue 16 is:
+
+    python scripts/bench.py --ops linear_attention_head_decay,gated_delta_rule,ssd \
+        --impls chunk,pallas --T 4096,16384,65536 --B 1 --H 8 --K 128 --V 128 --out bench.json
+
+(then --B 8, --H 16, --K 64 --V 64 runs beside it).
 
 For each (operator, form, mode, T) it reports the median wall time after warm-up, compile time,
 tokens/s, GFLOP/s counted with the chunk algorithm's flop formula (stated per operator below;
@@ -47,7 +54,9 @@ import jax.numpy as jnp
 
 import numpy as np
 
+import kernels
 from memjax import ops
+from memjax.ops import dispatch
 from memjax.benchmark import compile_fn, matmul_rate, time_compiled, time_interleaved
 
 
@@ -60,6 +69,7 @@ class OpCase:
     flops: Callable  # (args, T) -> forward flops per token, summed over heads / channels
     flop_formula: str
     impls: tuple = ("reference", "chunk")  # the forms besides "auto"
+    kernel: str | None = None  # its operator in the Pallas kernels registry (--impls pallas)
 
 
 def _normal(key, *shape):
@@ -192,22 +202,26 @@ def _memory_flops(architecture):
 CASES = {
     "linear_attention": OpCase(
         _heads(_qkv),
-        lambda x, impl, C, a: ops.linear_attention(*x, impl=impl, chunk_size=C), **LINEAR_FLOPS),
+        lambda x, impl, C, a: ops.linear_attention(*x, impl=impl, chunk_size=C), **LINEAR_FLOPS,
+        kernel="linear_attention"),
     "linear_attention_head_decay": OpCase(
         _heads(lambda key, B, T, H, K, V: (*_qkv(key, B, T, H, K, V), _log_decay(key, B, T, H))),
-        lambda x, impl, C, a: ops.linear_attention(*x, impl=impl, chunk_size=C), **LINEAR_FLOPS),
+        lambda x, impl, C, a: ops.linear_attention(*x, impl=impl, chunk_size=C), **LINEAR_FLOPS,
+        kernel="linear_attention"),
     "linear_attention_channel_decay": OpCase(
         _heads(lambda key, B, T, H, K, V: (*_qkv(key, B, T, H, K, V), _log_decay(key, B, T, H, K))),
         lambda x, impl, C, a: ops.linear_attention(*x, impl=impl, chunk_size=C), **LINEAR_FLOPS),
     "delta_rule": OpCase(
         _heads(lambda key, B, T, H, K, V: (*_qkv(key, B, T, H, K, V, True),
                                            jax.nn.sigmoid(_normal(key, B, T, H)))),
-        lambda x, impl, C, a: ops.delta_rule(*x, impl=impl, chunk_size=C), **DELTA_FLOPS),
+        lambda x, impl, C, a: ops.delta_rule(*x, impl=impl, chunk_size=C), **DELTA_FLOPS,
+        kernel="delta_rule"),
     "gated_delta_rule": OpCase(
         _heads(lambda key, B, T, H, K, V: (*_qkv(key, B, T, H, K, V, True),
                                            jax.nn.sigmoid(_normal(key, B, T, H)),
                                            _log_decay(key, B, T, H))),
-        lambda x, impl, C, a: ops.delta_rule(*x, impl=impl, chunk_size=C), **DELTA_FLOPS),
+        lambda x, impl, C, a: ops.delta_rule(*x, impl=impl, chunk_size=C), **DELTA_FLOPS,
+        kernel="delta_rule"),
     "generalized_delta_rule": OpCase(
         _heads(_rwkv7_inputs),
         lambda x, impl, C, a: ops.generalized_delta_rule(*x, impl=impl, chunk_size=C),
@@ -228,7 +242,7 @@ CASES = {
         lambda a, T: 6 * a.D * a.N, "6*D*N (decay, update, readout)", SCAN_IMPLS),
     "ssd": OpCase(
         _ssd_inputs, lambda x, impl, C, a: ops.ssd(*x, impl=impl, chunk_size=C),
-        lambda a, T: 4 * a.D * a.N, "4*D*N (state update and readout)"),
+        lambda a, T: 4 * a.D * a.N, "4*D*N (state update and readout)", kernel="ssd"),
     # Softmax attention: flops of the visible logits and weighted values (causal: (T + 1) / 2
     # keys per query on average; a window: at most --window).
     "softmax_attention": OpCase(
@@ -515,7 +529,15 @@ def parse_args(argv):
 
 
 def _forms(case, impls: str) -> tuple:
-    return case.impls if impls == "all" else tuple(i for i in impls.split(",") if i in case.impls)
+    """The forms of ``case`` named in ``impls`` ("all": its XLA forms); "pallas" where the op
+    has a kernel registered for this platform (on CPU: interpret mode, slow, for checks)."""
+    if impls == "all":
+        return case.impls
+    named = impls.split(",")
+    forms = tuple(i for i in named if i in case.impls)
+    if "pallas" in named and case.kernel and kernels.lookup(case.kernel, dispatch.platform()):
+        forms += ("pallas",)
+    return forms
 
 
 def main(argv=None):

@@ -58,6 +58,10 @@ def test_bench_impls_filter_keeps_only_forms_an_op_has():
     bench = load_bench()
     assert bench._forms(bench.CASES["ssd"], "scan,chunk") == ("chunk",)
     assert bench._forms(bench.CASES["linear_scan"], "all") == ("reference", "scan", "chunk")
+    # pallas only where asked for and a kernel is registered (on CPU: the interpreted kernels)
+    assert bench._forms(bench.CASES["gated_delta_rule"], "chunk,pallas") == ("chunk", "pallas")
+    assert bench._forms(bench.CASES["gated_delta_rule"], "all") == ("reference", "chunk")
+    assert bench._forms(bench.CASES["s5"], "chunk,pallas") == ("chunk",)
 
 
 def test_bench_models_times_a_train_step_beside_attention(tmp_path):
