@@ -10,7 +10,8 @@ sliding-window attention), ATLAS (`atlas`: Muon, Omega window 4, polynomial feat
 memory) and Dot (`dot`: the Omega rule on polynomial features, matrix memory), beside
 `gated_deltanet` and `attention`.
 
-Preset `cpu` (sized to run in about two hours on two CPU cores, `--parallel 2`): MQAR at growing
+Preset `cpu` (16 runs, about four hours on two quiet CPU cores, `--parallel 2`; without ATLAS,
+which needs 3.5 to 7 hours a run on CPU, see CPU_SKIP): MQAR at growing
 numbers of pairs (Zoology's T=64 segments: 4, 8 and 16 pairs, `mixture=t64`, vocab 256) with the
 learning-test recipe (batch 128, AdamW lr 1e-2, 100 warm-up steps, cosine over 1000 steps, early
 stop at 0.99), and passkey retrieval trained at T=64 and tested at 1x, 2x and 4x
@@ -29,11 +30,14 @@ PASSKEY_RECIPE = {"train.eval_every": 150, "train.checkpoint_every": 300,
                   "train.warmup_steps": 50}
 # What fits two CPU cores (preset cpu only). ATLAS's MLP memory on degree-2 features of 32-wide
 # heads (561 x 1122 weights per head) with Muon orthogonalising each token's momentum compiled
-# to 920 GB of temporaries for one train step at batch 128, T = 64 (about 33 TFLOP per step
-# besides): the cpu preset runs ATLAS's rule (Muon, Omega window 4, polynomial features) on a
-# matrix memory, and Dot and ATLAS with 4 heads of 16 (153 features; Dot needed 16 GB with 2).
-CPU_OVERRIDES = {"atlas": {"model.mixer.architecture": "linear", "model.mixer.num_heads": 4},
-                 "dot": {"model.mixer.num_heads": 4}}
+# to 920 GB of temporaries for one train step at batch 128, T = 64; even on a matrix memory
+# with 4 heads of 16 (153 features) a passkey train step took 26 s at memory_chunk 1 and 12.7 s
+# at 16, 145x attention's (scripts/bench.py --models "atlas:architecture=linear:num_heads=4"
+# --d_model 64 --T 64 --batch 64 --vocab 64): 3.5 to 7 hours a run, so the cpu preset leaves
+# ATLAS out and `full` runs it. Dot has 4 heads of 16 (with 2 it needed 16 GB) and trains with
+# mini-batches of 16 tokens (the papers' parallel training; 1.1 s a step against 4.8 s at 1).
+CPU_SKIP = ("atlas",)
+CPU_OVERRIDES = {"dot": {"model.mixer.num_heads": 4, "model.mixer.memory_chunk": 16}}
 # The MLP memory's loss went to NaN at step 94 of MQAR at lr 1e-2 (cpu preset, 2026-12-04).
 MQAR_LR = {"lmm_mlp": 3e-3}
 
@@ -54,6 +58,8 @@ def runs(preset: str) -> list[dict]:
     for d, lr in grid:
         suffix = f"_d{d}" + ("" if lr is None else f"_lr{lr:g}")
         for mixer in MIXERS:
+            if cpu and mixer in CPU_SKIP:
+                continue
             out.append({"name": f"mqar_{_name(mixer)}{suffix}",
                         "config": f"configs/mqar.py:model={mixer},d_model={d},mixture=t64",
                         "overrides": MQAR_RECIPE
