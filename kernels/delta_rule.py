@@ -298,16 +298,24 @@ def _tpu_forward_kernel(q_ref, k_ref, v_ref, beta_ref, bc_ref, br_ref, s0_ref, o
         sf_ref[...] = s_next
 
 
+def _forward_outputs(q, v, s0, n_chunks, specs, save_states):
+    """The forward kernels' outputs and their block specs: o ``[B, H, Tp, V]``, the final state
+    ``[B, H, K, V]`` and, with ``save_states``, each chunk's start state ``[B, H, N, K, V]``."""
+    B, H, Tp, K = q.shape
+    V, acc = v.shape[-1], s0.dtype
+    shapes = [jax.ShapeDtypeStruct((B, H, Tp, V), v.dtype), jax.ShapeDtypeStruct((B, H, K, V), acc)]
+    out_specs = [specs["v"], specs["state"]]
+    if save_states:
+        shapes.append(jax.ShapeDtypeStruct((B, H, n_chunks, K, V), acc))
+        out_specs.append(specs["states"])
+    return shapes, out_specs
+
+
 def _tpu_forward(cfg, q, k, v, beta_col, b_col, b_row, s0, save_states):
     B, H, Tp, K = q.shape
     V, C, N, acc = v.shape[-1], cfg.chunk, Tp // cfg.chunk, s0.dtype
     sp = _tpu_specs(C, K, V)
-    out_shapes = [jax.ShapeDtypeStruct((B, H, Tp, V), v.dtype),
-                  jax.ShapeDtypeStruct((B, H, K, V), acc)]
-    out_specs = [sp["v"], sp["state"]]
-    if save_states:
-        out_shapes.append(jax.ShapeDtypeStruct((B, H, N, K, V), acc))
-        out_specs.append(sp["states"])
+    out_shapes, out_specs = _forward_outputs(q, v, s0, N, sp, save_states)
     return _pallas_call(
         functools.partial(_tpu_forward_kernel, scale=cfg.scale),
         (q, k, v, beta_col, b_col, b_row, s0),
@@ -395,14 +403,9 @@ def _triton_forward_kernel(q_ref, k_ref, v_ref, beta_ref, bc_ref, br_ref, s0_ref
 
 def _triton_forward(cfg, q, k, v, beta_col, b_col, b_row, s0, save_states):
     B, H, Tp, K = q.shape
-    V, C, N, acc = v.shape[-1], cfg.chunk, Tp // cfg.chunk, s0.dtype
+    V, C, N = v.shape[-1], cfg.chunk, Tp // cfg.chunk
     sp = _triton_specs(Tp, C, K, V)
-    out_shapes = [jax.ShapeDtypeStruct((B, H, Tp, V), v.dtype),
-                  jax.ShapeDtypeStruct((B, H, K, V), acc)]
-    out_specs = [sp["v"], sp["state"]]
-    if save_states:
-        out_shapes.append(jax.ShapeDtypeStruct((B, H, N, K, V), acc))
-        out_specs.append(sp["states"])
+    out_shapes, out_specs = _forward_outputs(q, v, s0, N, sp, save_states)
     kernel = functools.partial(_triton_forward_kernel, scale=cfg.scale, chunk=C, n_chunks=N)
     return _pallas_call(
         kernel, (q, k, v, beta_col, b_col, b_row, s0),
