@@ -148,6 +148,12 @@ def lm_config(vocab_size, d_model: int, model: str, num_layers: int = 2) -> ml_c
         {kind: mixer_config(kind) for kind in kinds} if hybrid else {})
     model_cfg.short_conv = 4
     model_cfg.stack_short_convs = False  # True: also in front of mixers with their own (ablation)
+    # True: nn.scan over the repeating blocks (compile time flat in depth; stacked parameter
+    # layout, so checkpoints do not carry over between True and False). memjax.models.lm.
+    model_cfg.scan_layers = False
+    # Recompute block activations in the backward pass: "none", "full", "dots_saveable",
+    # "nothing_saveable", "dots_with_no_batch_dims_saveable" (memjax.models.lm.REMAT_POLICIES).
+    model_cfg.remat = "none"
     model_cfg.mlp_ratio = 0.0
     model_cfg.norm = "layernorm"
     model_cfg.pos_emb = "none"

@@ -22,14 +22,16 @@ class UnreadableCheckpoint(CheckpointError):
 # Model settings added after checkpoints were first written, with the value that reproduces the
 # model the code built before the setting existed: a checkpoint that lacks one is read as having
 # it. (Before model.stack_short_convs, every mixer got the block's short convolution, including
-# those with their own.)
-LEGACY_MODEL_SETTINGS = {"layers": "", "mixers": {}, "stack_short_convs": True}
+# those with their own. Before model.scan_layers, blocks were a loop: per-layer parameters.)
+LEGACY_MODEL_SETTINGS = {"layers": "", "mixers": {}, "stack_short_convs": True,
+                         "scan_layers": False}
 
 
 # Settings that choose how a mixer computes, not what (the operator's form and its chunk, equal
 # up to float rounding): a checkpoint resumes under other values (another platform's kernel) or
 # without them (written before the mixer had the option).
-FORM_SETTINGS = frozenset({"impl", "chunk_size"})
+# `remat` (model.remat) only chooses what the backward pass recomputes.
+FORM_SETTINGS = frozenset({"impl", "chunk_size", "remat"})
 
 
 def _with_legacy_settings(saved_model: dict) -> dict:

@@ -7,7 +7,7 @@ named in config as comma-separated lists and checked against PARAMETER_CLASSES:
   classes not listed in `train.weight_decay_exempt` (by default biases, norms and the memories'
   dynamics parameters such as A_log and dt_bias are exempt, as in the peer codebases).
 - Muon (`train.optimizer = "muon"`) orthogonalises the update of 2-D hidden matrices only: a
-  parameter gets Muon when it is 2-D and its class is not in `train.muon_exempt` (by default
+  parameter gets Muon when it is 2-D (or a scanned stack of them) and its class is not in `train.muon_exempt` (by default
   embeddings, input/output heads, convolution taps, biases, norms and dynamics, the last covering
   decay and gate maps); every other parameter gets Adam with the same schedule and betas.
 """
@@ -74,14 +74,22 @@ def adamw(cfg, schedule):
 def muon_dimensions(exempt: frozenset[str]):
     """`params -> tree`: Muon's dimension numbers where Muon applies, None (Adam) elsewhere.
 
-    Muon applies to 2-D parameters (`[fan_in, fan_out]` Dense kernels) whose class is not in
-    `exempt`; the default dimension numbers reduce over axis 0 and orthogonalise `[in, out]`.
+    Muon applies to Dense kernels (`[fan_in, fan_out]`) whose class is not in `exempt`: 2-D
+    parameters, and under `model.scan_layers` the 3-D `[layers, fan_in, fan_out]` stacks in
+    `blocks/` (each layer's matrix orthogonalised on its own; the layer axis is a batch axis).
     """
 
+    def numbers(path, p, c):
+        if c in exempt:
+            return None
+        if p.ndim == 2:
+            return optax.contrib.MuonDimensionNumbers()
+        if p.ndim == 3 and getattr(path[0], "key", None) == "blocks":
+            return optax.contrib.MuonDimensionNumbers(reduction_axis=1, output_axis=2)
+        return None
+
     def dimensions(params):
-        return jax.tree.map(
-            lambda p, c: optax.contrib.MuonDimensionNumbers() if p.ndim == 2 and c not in exempt
-            else None, params, classify(params))
+        return jax.tree_util.tree_map_with_path(numbers, params, classify(params))
 
     return dimensions
 

@@ -55,6 +55,22 @@ def test_muon_applies_to_2d_hidden_matrices_and_adam_to_the_rest():
     assert {"muon", "embedding", "head", "conv", "norm", "dynamics"} <= seen
 
 
+def test_muon_treats_each_layer_of_a_scanned_stack_as_the_loop_does():
+    """Under model.scan_layers the kernels are [layers, in, out] stacks in `blocks/`: each layer
+    gets the update the unscanned model's 2-D kernel gets (not Adam's)."""
+    from memjax.models.lm import stack_params
+    params = _params()
+    train = train_config(steps=10, lr=1e-2)
+    train.warmup_steps, train.weight_decay, train.grad_clip = 0, 0.0, 0.0
+    train.optimizer = "muon"
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
+    loop = stack_params(_first_update(train, params, grads))
+    scanned = _first_update(train, stack_params(params), stack_params(grads))
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(loop)[0],
+                            jax.tree_util.tree_leaves(scanned)):
+        np.testing.assert_allclose(b, a, rtol=2e-5, atol=1e-7, err_msg=str(path))
+
+
 def _at(tree, path):
     for key in path:
         tree = tree[key.key]
