@@ -177,6 +177,12 @@ def train_config(steps: int = 3_000, lr: float = 3e-3) -> ml_collections.ConfigD
     train.muon_exempt = "embedding,head,conv,bias,norm,dynamics"
     # Weights of losses layers sow (`self.sow("losses", name, ...)`): "name=weight,..."; 1.0 if unnamed.
     train.aux_loss_weights = ""
+    # Micro-batches per step: gradients summed over k slices of the batch, one update (the
+    # batch must split into k slices, each divisible by the batch devices mesh.data x mesh.fsdp).
+    train.grad_accum_steps = 1
+    # "bfloat16": forward and backward on a bfloat16 copy of the float32 parameters (the
+    # parameters, gradients and optimizer state stay float32; the loss is computed in float32).
+    train.compute_dtype = "float32"
     train.b1 = 0.9
     train.b2 = 0.98
     train.grad_clip = 1.0
@@ -193,7 +199,11 @@ def train_config(steps: int = 3_000, lr: float = 3e-3) -> ml_collections.ConfigD
 
 
 def mesh_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"data": 1})  # devices on the data axis; -1 = all devices
+    """`config.mesh`: the size of each mesh axis (`memjax.train.mesh`); one may be -1 (the
+    devices the others leave). `data` splits the batch; `fsdp` splits the batch and the large
+    weights with their optimizer state; `tensor` splits the mixers' heads
+    (`memjax.train.sharding`). A config with only `data` (older ones) reads fsdp = tensor = 1."""
+    return ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
 
 
 def make_smoke(config: ml_collections.ConfigDict) -> None:

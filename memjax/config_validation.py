@@ -88,10 +88,15 @@ MIXER_RULES = {
     "eidetic": int_range(0, 65536, "0 = none"),
 }
 
+# Sizes of the mesh axes (memjax.train.mesh; that at most one is -1 is checked there).
+MESH_AXIS = Rule(lambda v: isinstance(v, int) and (v == -1 or 1 <= v <= BIG),
+                 "-1 (the devices the other axes leave) or an int >= 1")
+
 RULES = {
     "seed": NON_NEGATIVE,
-    "mesh.data": Rule(lambda v: isinstance(v, int) and (v == -1 or 1 <= v <= BIG),
-                      "-1 (all devices) or an int >= 1"),
+    "mesh.data": MESH_AXIS,
+    "mesh.fsdp": MESH_AXIS,
+    "mesh.tensor": MESH_AXIS,
     "model.d_model": int_range(1, 65536),
     "model.num_layers": int_range(1, 1024),
     "model.vocab_size": int_range(0, BIG, "0 only for float inputs and outputs"),
@@ -110,6 +115,7 @@ RULES = {
     "task.permutation_seed": NON_NEGATIVE,
     "task.power_a": real_range(0, 1e3, low_open=True),
     "train.steps": int_range(1, 2**40),
+    "train.grad_accum_steps": int_range(1, 65536, "micro-batches per step"),
     "train.lr": real_range(0, 1e3, low_open=True),
     "train.warmup_steps": int_range(0, 2**40, "and below train.steps"),
     "train.weight_decay": real_range(0, 1e3),
@@ -159,10 +165,26 @@ def validate_config(config, memory_bytes: int | None = None) -> None:
         if not rule.ok(value):
             raise ConfigError(f"config.{path} = {value!r} is out of range: allowed is {rule.allowed}")
     _check_heads(config.model)
+    _check_mesh(config.get("mesh"))
+    _check_compute_dtype(config.train)
     if config.train.warmup_steps >= config.train.steps:
         raise ConfigError(f"config.train.warmup_steps = {config.train.warmup_steps} must be below "
                           f"config.train.steps = {config.train.steps}")
     _check_model_fits(config.model, memory_bytes or _machine_memory())
+
+
+def _check_mesh(mesh) -> None:
+    """At most one mesh axis may be -1 (the device count is checked when the mesh is built)."""
+    fill = [name for name, size in (mesh or {}).items() if size == -1]
+    if len(fill) > 1:
+        raise ConfigError(f"config.mesh: at most one axis may be -1 (the devices the others "
+                          f"leave), got {', '.join('mesh.' + n + ' = -1' for n in fill)}")
+
+
+def _check_compute_dtype(train) -> None:
+    dtype = train.get("compute_dtype", "float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"config.train.compute_dtype = {dtype!r}: allowed is float32 or bfloat16")
 
 
 def _layer_mixers(model) -> list[tuple[str, dict]]:

@@ -18,8 +18,8 @@ memory, not this machine's), and the accelerator type parses (`HOST_RULES`). The
 `--config.mesh.data=-1` (every device of the slice) unless a `--set mesh.*` override is given.
 
 Not yet (see `NOT_YET`): scripts/train.py does not call `memjax.train.distributed.initialize()`,
-the trainer treats --workdir as a local path (no gs://), and there is no multi-host data sharding,
-sharded checkpointing or mesh rules beyond the data axis.
+the trainer treats --workdir as a local path (no gs://), and there is no multi-host data sharding
+or multi-host checkpointing (the fsdp/tensor mesh axes work within one process).
 """
 
 import argparse
@@ -73,7 +73,8 @@ NOT_YET = (
     "a gs:// workdir is not supported yet (it becomes a local directory named 'gs:' on each "
     "worker)",
     "not yet built: multi-host data sharding (each process loading its share of the batch), "
-    "sharded (multi-host) checkpoints, mesh rules beyond the data axis",
+    "sharded (multi-host) checkpoints (the mesh's fsdp and tensor axes and their sharding rules "
+    "exist, memjax/train/sharding.py, but are tested on one process only)",
 )
 
 

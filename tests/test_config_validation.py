@@ -18,7 +18,7 @@ PROBES = (0, -1, HUGE)
 # or only makes a run longer (huge schedule values). The slow test runs the short ones.
 ACCEPTED = {
     ("seed", 0), ("seed", HUGE), ("task.permutation_seed", 0), ("task.permutation_seed", HUGE),
-    ("mesh.data", -1),
+    ("mesh.data", -1), ("mesh.fsdp", -1), ("mesh.tensor", -1),
     ("model.max_len", 0), ("model.mlp_ratio", 0.0), ("model.short_conv", 0),
     ("model.mixer.window", 0), ("model.mixer.persistent_tokens", 0), ("model.mixer.head_size", 0),
     ("model.mixer.capacity", 0.0), ("model.mixer.eidetic", 0),
@@ -115,7 +115,7 @@ SMOKE = "configs/mqar.py:smoke"
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path, value", [
-    p for p in accepted_probes(load_config(SMOKE)) if p[1] != HUGE and p[0] != "mesh.data"])
+    p for p in accepted_probes(load_config(SMOKE)) if p[1] != HUGE and not p[0].startswith("mesh.")])
 def test_accepted_values_run(tmp_path, path, value):
     from memjax.train.trainer import train
 

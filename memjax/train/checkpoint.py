@@ -132,6 +132,19 @@ class Checkpointer:
         self._manager.close()
 
 
-def abstract_like(tree, sharding):
-    """Shape/dtype/sharding placeholders of `tree`, the target Orbax restores into."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+def abstract_like(tree, sharding=None):
+    """Shape/dtype/sharding placeholders of `tree`, the target Orbax restores into.
+
+    `sharding`: one Sharding for every leaf, a tree of them like `tree` (the trainer's state
+    shardings, `memjax.train.sharding.state_shardings`), or None for each leaf's own `.sharding`.
+    Orbax reads each array straight into its target sharding, whatever mesh wrote it (a
+    checkpoint saved replicated or under another mesh restores split as the target asks).
+    """
+    if sharding is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            tree)
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, sharding)

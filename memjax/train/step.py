@@ -149,17 +149,98 @@ def loss_fn(params, model, batch, loss: str = "cross_entropy", aux_weights=None)
     return total, metrics
 
 
-def make_train_step(model, optimizer, loss: str = "cross_entropy", aux_weights=None):
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def parse_compute_dtype(name: str):
+    """The jnp dtype of `train.compute_dtype` ("float32" or "bfloat16"); ValueError otherwise."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"train.compute_dtype = {name!r}; known: {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
+
+
+def cast_floats(tree, dtype):
+    """`tree` with its floating-point leaves cast to `dtype` (integer leaves kept)."""
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def micro_batches(batch, k: int):
+    """`batch` (leaves `[B, ...]`) as `k` micro-batches, leaves `[k, B / k, ...]`.
+
+    Micro-batch `i` holds rows `i, i + k, i + 2k, ...`: when the batch is split over devices in
+    contiguous blocks of a multiple of `k` rows, every micro-batch keeps the same split (each
+    device computes its own rows of every micro-batch; nothing moves between devices).
+    """
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"a batch of {x.shape[0]} rows does not split into "
+                             f"train.grad_accum_steps = {k} micro-batches")
+        return jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0)
+
+    return jax.tree.map(split, batch)
+
+
+# Task metrics that are means over the supervised positions of the batch: with micro-batches
+# they are combined weighted by each micro-batch's share of those positions (exact).
+POSITION_MEANS = ("loss", "accuracy", "mse")
+
+
+def make_train_step(model, optimizer, loss: str = "cross_entropy", aux_weights=None,
+                    grad_accum_steps: int = 1, compute_dtype: str = "float32"):
     """`(state, batch) -> (state, metrics)`: one AdamW/Muon update on the mean loss.
 
     `loss="cross_entropy"` (metrics `loss`, `accuracy`) or `"mse"` (metrics `loss`, `mse`);
     `loss` is the task loss alone; sown auxiliary losses, weighted by `aux_weights`, are added to
     the objective and reported as `aux/...` (module doc). Plus `grad_norm`.
+
+    `grad_accum_steps = k > 1`: the batch is split into k micro-batches (`micro_batches`) whose
+    gradients are summed by `lax.scan`, then one optimizer update. The objective is the k = 1 one:
+    each micro-batch's task loss weighs by its share of the batch's supervised positions (so the
+    sum is the mean over the whole batch, whatever the masks), its sown losses by 1/k (a sown
+    mean over the micro-batch's elements then averages to the batch's mean). Metrics likewise:
+    `loss`, `accuracy`, `mse` exactly; `aux/...` the mean over micro-batches, which equals the
+    k = 1 value for means over elements but not for other statistics (a max, a root-mean-square).
+
+    `compute_dtype="bfloat16"`: the forward and backward passes run on a bfloat16 copy of the
+    parameters (and float inputs); the parameters, their gradients and the optimizer state stay
+    float32, and logits are cast to float32 for the loss (`cross_entropy`, `squared_errors`).
     """
+    dtype = parse_compute_dtype(compute_dtype)
+    if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+        raise ValueError(f"train.grad_accum_steps = {grad_accum_steps!r}: an int >= 1")
+
+    def objective(params, batch):
+        if dtype != jnp.float32:
+            params, batch = cast_floats(params, dtype), _cast_inputs(batch, dtype)
+        return loss_fn(params, model, batch, loss, aux_weights)
+
+    def accumulated(params, batch):
+        k = grad_accum_steps
+        total_count = jnp.maximum(batch["mask"].sum(), 1.0)
+
+        def micro_objective(p, micro):
+            total, metrics = objective(p, micro)
+            share = micro["mask"].sum() / total_count
+            aux = total - metrics["loss"]  # the weighted sown losses
+            return share * metrics["loss"] + aux / k, (share, metrics)
+
+        def body(grads, micro):
+            g, (share, metrics) = jax.grad(micro_objective, has_aux=True)(params, micro)
+            metrics = {name: value * share if name in POSITION_MEANS else value / k
+                       for name, value in metrics.items()}
+            return jax.tree.map(jnp.add, grads, g), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, metrics = jax.lax.scan(body, zeros, micro_batches(batch, k))
+        return grads, jax.tree.map(lambda m: m.sum(axis=0), metrics)
 
     def train_step(state: TrainState, batch):
         rng, _ = jax.random.split(state.rng)
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, model, batch, loss, aux_weights)
+        if grad_accum_steps == 1:
+            grads, metrics = jax.grad(objective, has_aux=True)(state.params, batch)
+        else:
+            grads, metrics = accumulated(state.params, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -167,6 +248,14 @@ def make_train_step(model, optimizer, loss: str = "cross_entropy", aux_weights=N
         return new_state, metrics
 
     return train_step
+
+
+def _cast_inputs(batch, dtype):
+    """Float model inputs (regression) in the compute dtype; targets and masks stay float32."""
+    inputs = batch["inputs"]
+    if jnp.issubdtype(inputs.dtype, jnp.floating):
+        return {**batch, "inputs": inputs.astype(dtype)}
+    return batch
 
 
 def make_eval_step(model, loss: str = "cross_entropy"):

@@ -21,6 +21,12 @@ the device (`memjax.train.step_metrics`), and the host reads them only at log, e
 checkpoint and stop steps. A non-finite loss is found then, named by the step where it began;
 every checkpoint is written after such a read, so nothing from a diverged step on is saved.
 Files other than checkpoints are written by process 0 only.
+
+Parallelism (`config.mesh`, `memjax.train.mesh`): the train state is created in the shardings
+that `memjax.train.sharding.SHARDING_RULES` give it (parameters and optimizer state split over
+`fsdp` and `tensor`, step and RNG replicated; a parameter without a rule stops the launch),
+batches are split over `data` x `fsdp`, and the jitted step keeps those shardings; checkpoints
+restore into them. `train.grad_accum_steps` and `train.compute_dtype`: `memjax.train.step`.
 """
 
 import contextlib
@@ -40,6 +46,7 @@ from memjax.config import to_dict
 from memjax.models import build_model
 from memjax.tasks.registry import TASKS
 from memjax.train import mesh as mesh_lib
+from memjax.train import sharding as sharding_lib
 from memjax.train import step_metrics
 from memjax.train.checkpoint import Checkpointer, UnreadableCheckpoint, abstract_like
 from memjax.train.evaluators import build_evaluators
@@ -77,11 +84,19 @@ def _stop_signals():
 
 
 def _check_batch_divisible(config, mesh):
-    devices = mesh.devices.size
+    """Batches split evenly over the batch axes (`data` x `fsdp`), and into micro-batches that
+    each split evenly too."""
+    devices = mesh_lib.batch_devices(mesh)
+    axes = f"mesh.data x mesh.fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}"
     for key in ("batch_size", "eval_batch_size"):
         if config.task[key] % devices:
             raise ValueError(f"task.{key} = {config.task[key]} is not divisible by the {devices} "
-                             "devices of the data axis (mesh.data)")
+                             f"devices of the batch axes ({axes})")
+    k = config.train.get("grad_accum_steps", 1)
+    if config.task.batch_size % (k * devices):
+        raise ValueError(f"task.batch_size = {config.task.batch_size} does not split into "
+                         f"train.grad_accum_steps = {k} micro-batches of a multiple of the "
+                         f"{devices} devices of the batch axes ({axes})")
 
 
 def _is_complete(result: dict, config) -> bool:
@@ -221,10 +236,13 @@ def train(config, workdir, hooks=()) -> dict:
     model = build_model(to_dict(config.model))
     optimizer = build_optimizer(cfg)
     weights = aux_loss_weights(cfg)
-    mesh = mesh_lib.build_mesh(config.mesh.data)
+    mesh = mesh_lib.build_mesh(config.mesh)
     _check_batch_divisible(config, mesh)
     _check_task_and_model(task, model)
-    replicated, batch_sharding = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
+    train_step = make_train_step(model, optimizer, task.loss, weights,
+                                 grad_accum_steps=cfg.get("grad_accum_steps", 1),
+                                 compute_dtype=cfg.get("compute_dtype", "float32"))
+    batch_sharding = mesh_lib.batch_sharded(mesh)
     evaluate = build_evaluators(to_dict(config.get("evals")), task, model,
                                 config.task.eval_batch_size, batch_sharding)
     is_writer = jax.process_index() == 0
@@ -247,12 +265,13 @@ def train(config, workdir, hooks=()) -> dict:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=optimizer.init(params), rng=state_rng)
 
-    state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(config.seed))
+    # Parameters and optimizer state are created in their shardings (memjax.train.sharding;
+    # a parameter without a sharding rule stops the launch here, before anything is written).
+    state, shardings = sharding_lib.init_sharded(init_state, jax.random.key(config.seed), mesh)
     checkpoints = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
     try:  # the checkpointer is closed however training ends (else Orbax's threads complain)
         return _train_loop(config, workdir, hooks, task, model, state, checkpoints, evaluate,
-                           make_train_step(model, optimizer, task.loss, weights),
-                           replicated, batch_sharding, is_writer)
+                           train_step, mesh, shardings, batch_sharding, is_writer)
     finally:
         checkpoints.close()
 
@@ -269,14 +288,15 @@ def _buffer_factory(train_step, state, batch, capacity: int, sharding):
 
 
 def _train_loop(config, workdir, hooks, task, model, state, checkpoints, evaluate, train_step,
-                replicated, batch_sharding, is_writer) -> dict:
+                mesh, shardings, batch_sharding, is_writer) -> dict:
     """Resumes from the latest checkpoint, trains to the end, evaluates; returns the result."""
     cfg = config.train
     model_config = to_dict(config.model)
+    replicated = mesh_lib.replicated(mesh)
     train_iter = iter(task.train)
     running = _RunningMeans()
     if checkpoints.latest_step() is not None:
-        restored, state, extras = _restore(checkpoints, abstract_like(state, replicated),
+        restored, state, extras = _restore(checkpoints, abstract_like(state, shardings),
                                            model_config, cfg.get("restore_fallback", False), workdir)
         train_iter.set_state(extras["data_iterator"])
         running = _RunningMeans(extras["running_sums"])
@@ -286,7 +306,9 @@ def _train_loop(config, workdir, hooks, task, model, state, checkpoints, evaluat
         (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
-    step_fn = jax.jit(step_metrics.recording(train_step), donate_argnums=(0, 1))
+    # State in its shardings, batch split over (data, fsdp), metric buffer replicated.
+    step_fn = sharding_lib.jit_train_step(step_metrics.recording(train_step), shardings, mesh,
+                                          num_extra=1)
     # Made at the first step, whose trace names the metrics (aux ones included).
     new_buffer = buffer = None
     score = "mse" if task.loss == "mse" else "accuracy"  # the train metric shown beside the loss
