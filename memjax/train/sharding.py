@@ -50,6 +50,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from memjax.models.lm import SCANNED
 from memjax.train.mesh import FSDP_AXIS, TENSOR_AXIS, batch_sharded, replicated
 
 
@@ -89,7 +90,7 @@ SHARDING_RULES: tuple[Rule, ...] = (
          note="RWKV-7 LoRA maps of the dynamics: FSDP only"),
     Rule(rf"({HEAD_MAJOR_OUT})/kernel", tensor=-1, fsdp=True,
          note="[d_model, heads*width]: heads over tensor, d_model over fsdp"),
-    Rule(rf"({HEAD_MAJOR_IN})/kernel", tensor=0, fsdp=True,
+    Rule(rf"({HEAD_MAJOR_IN})/kernel", tensor=-2, fsdp=True,
          note="[heads*width, d_model]: heads over tensor, d_model over fsdp"),
     Rule(r"lm_head/kernel", tensor=-1, fsdp=True, note="[d_model, vocab]: vocabulary over tensor"),
     Rule(r"embed/embedding|pos_embed", fsdp=True, note="[vocab or max_len, d_model]: FSDP only"),
@@ -178,11 +179,21 @@ def _axis_sizes(mesh) -> dict[str, int]:
 
 
 def param_specs(params, mesh: Mesh, rules=SHARDING_RULES):
-    """A tree like `params` (arrays or ShapeDtypeStructs) of PartitionSpecs (module doc)."""
+    """A tree like `params` (arrays or ShapeDtypeStructs) of PartitionSpecs (module doc).
+
+    Under `model.scan_layers` the blocks' parameters sit in `blocks/` stacked on a leading layer
+    axis: the rule applies to each layer's shape, and the layer axis is never split.
+    """
     matched = check_rules(params, rules)
     sizes = _axis_sizes(mesh)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: spec_for(matched[path_str(path)], tuple(x.shape), sizes), params)
+
+    def spec(path, x):
+        rule, shape = matched[path_str(path)], tuple(x.shape)
+        if key_name(path[0]) == SCANNED:
+            return P(None, *spec_for(rule, shape[1:], sizes))
+        return spec_for(rule, shape, sizes)
+
+    return jax.tree_util.tree_map_with_path(spec, params)
 
 
 def opt_state_specs(opt_state, params, specs):

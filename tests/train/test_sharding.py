@@ -184,6 +184,18 @@ def test_rules_split_heads_over_tensor_and_the_largest_divisible_dim_over_fsdp()
     assert sharding.spec_for(embedding, (32, 16), {"fsdp": 8}) == P("fsdp")
 
 
+def test_scanned_layers_get_each_layers_spec_and_keep_the_layer_axis_whole():
+    mesh = build_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+    loop = sharding.param_specs(param_shapes(model_of("gated_deltanet")), mesh)
+    scanned = sharding.param_specs(
+        param_shapes(model_of("gated_deltanet", scan_layers=True)), mesh)
+    per_layer = loop["block_0"]["mixer"]
+    stacked = scanned["blocks"]["block_0"]["mixer"]
+    assert stacked["q"]["kernel"] == P(None, *per_layer["q"]["kernel"])
+    assert stacked["out"]["kernel"] == P(None, "tensor", "fsdp")
+    assert scanned["embed"] == loop["embed"]
+
+
 def test_optimizer_state_mirrors_its_parameter():
     model, opt = model_of("gated_deltanet"), optimizer()
     mesh = build_mesh({"data": 2, "fsdp": 4})
