@@ -221,22 +221,26 @@ def accuracy_by_length(row: dict) -> dict[int, float]:
 
 
 def plot_accuracy_vs_length(rows: list[dict], path) -> bool:
-    """Accuracy vs test length, one line per run; returns False (no file) for fewer than two
-    lengths."""
+    """Accuracy vs test length, one line per run tested at two lengths or more (a study that
+    mixes tasks plots only those runs), each in its own colour; returns False (no file) when no
+    run has two lengths."""
     curves = {r["run"]: accuracy_by_length(r) for r in rows}
-    if max((len(c) for c in curves.values()), default=0) < 2:
+    plotted = [r for r in rows if len(curves[r["run"]]) >= 2]
+    if not plotted:
         return False
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in rows:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    colours = plt.get_cmap("tab20").colors
+    for i, row in enumerate(plotted):
         curve = curves[row["run"]]
-        ax.plot(list(curve), list(curve.values()), marker="o", label=f"{row['mixer']} d{row['d_model']}")
+        ax.plot(list(curve), list(curve.values()), marker="o", color=colours[i % len(colours)],
+                label=f"{row['mixer']} d{row['d_model']}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("test length")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
