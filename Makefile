@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RUNDIR ?= runs/mqar_main
 
-.PHONY: setup constraints run test test-slow test-kernels test-all bench clean
+.PHONY: setup constraints run test test-slow test-multiprocess test-kernels test-all bench clean
 
 # Installs the exact versions pinned in constraints.txt (pip included), so tests and committed
 # results are reproduced with the packages they were produced with.
@@ -36,6 +36,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 -m slow tests
+
+# scripts/train.py as two processes on localhost (gloo collectives) against one process: equal
+# metrics, a SIGTERM to one process stops both, a 2-process checkpoint resumes in one (~2 min).
+test-multiprocess: $(STAMP)
+	$(PY) -m pytest -m slow tests/train/test_multiprocess.py
 
 # The Pallas kernels in interpret mode and their TPU / CUDA lowering, slow cases included.
 test-kernels: $(STAMP)

@@ -17,9 +17,11 @@ Checked before anything runs: the config loads with the overrides and passes
 memory, not this machine's), and the accelerator type parses (`HOST_RULES`). The data mesh is
 `--config.mesh.data=-1` (every device of the slice) unless a `--set mesh.*` override is given.
 
-Not yet (see `NOT_YET`): scripts/train.py does not call `memjax.train.distributed.initialize()`,
-the trainer treats --workdir as a local path (no gs://), and there is no multi-host data sharding
-or multi-host checkpointing (the fsdp/tensor mesh axes work within one process).
+scripts/train.py starts JAX's distributed system (`memjax.train.distributed.initialize()`), and
+the trainer trains across hosts (each process hands JAX its rows of every batch, checkpoints are
+saved from every process; tested with two CPU processes, tests/train/test_multiprocess.py).
+Not yet (see `NOT_YET`): the trainer treats --workdir as a local path (no gs://), which a
+multi-host slice needs for its checkpoints.
 """
 
 import argparse
@@ -72,9 +74,9 @@ NOT_YET = (
     "not yet: memjax/train/trainer.py resolves --workdir with pathlib (Path(workdir).absolute()): "
     "a gs:// workdir is not supported yet (it becomes a local directory named 'gs:' on each "
     "worker)",
-    "not yet built: multi-host data sharding (each process loading its share of the batch), "
-    "sharded (multi-host) checkpoints (the mesh's fsdp and tensor axes and their sharding rules "
-    "exist, memjax/train/sharding.py, but are tested on one process only)",
+    "not yet tested on a TPU pod: multi-host training (per-process batch rows, checkpoints "
+    "from every process, preemption agreed across processes) is tested with two CPU processes "
+    "on one machine only (tests/train/test_multiprocess.py)",
 )
 
 

@@ -2,6 +2,11 @@
 
     python scripts/train.py --config configs/mqar.py:model=attention --workdir runs/x \
         --config.train.steps=500
+
+Several processes (`memjax.train.distributed`): start one per host with MEMJAX_DISTRIBUTED=1
+(TPU pods), or with MEMJAX_COORDINATOR_ADDRESS, MEMJAX_NUM_PROCESSES and MEMJAX_PROCESS_ID, the
+same arguments and a --workdir they share; usually with --config.mesh.data=-1. Process 0 prints
+the result and writes the files; a preempted run exits with 143 on every process.
 """
 
 import sys
@@ -9,6 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from memjax.train import distributed
 from memjax.train.trainer import Preempted, TrainingDiverged, train
 from memjax.train.checkpoint import CheckpointError
 
@@ -82,11 +88,14 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO.
     sys.unraisablehook = ignore_closed_event_loop
     try:
+        # Before any other JAX use: several processes start JAX's distributed system here.
+        distributed.initialize()
         result = train(_CONFIG.value, _WORKDIR.value)
     except (TrainingDiverged, Preempted, CheckpointError, ValueError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2 if not isinstance(error, Preempted) else 143)
-    print_result(result)
+    if distributed.is_main_process():
+        print_result(result)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,18 @@
 Each checkpoint step holds two items: `state` (the TrainState pytree) and `extras` (JSON). Saves
 are synchronous, so a checkpoint that `save` returned from is complete on disk; Orbax writes to
 a temporary directory and renames it, so an interrupted save never replaces a good checkpoint.
+
+Several processes: every process calls `save` and `restore` (Orbax writes each array's shards
+from the processes that hold them and the JSON extras from process 0, with barriers between;
+the directory must be one shared by all processes). The one change made here outside Orbax,
+`set_aside`, is done by process 0 while the others wait.
 """
 
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(RuntimeError):
@@ -81,8 +87,11 @@ class Checkpointer:
     def set_aside(self, step: int, destination) -> Path:
         """Moves checkpoint `step` to `destination/<step>` (kept for inspection, no longer used)."""
         target = Path(destination) / str(step)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (self.directory / str(step)).rename(target)
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:  # the others see the directory only once it has moved
+            multihost_utils.sync_global_devices(f"memjax: checkpoint {step} set aside")
         self._manager.reload()
         return target
 

@@ -19,10 +19,16 @@ distributed system) starts nothing and returns the same record. It must run befo
 otherwise (before the first `jax.devices()` or computation), as `jax.distributed.initialize`
 requires.
 
-Not wired yet: `scripts/train.py` and `memjax/train/trainer.py` do not call `initialize()` today;
-calling it at the start of `scripts/train.py`'s `main` is the next step. The trainer already writes
-outputs from process 0 only, but multi-host data sharding (each process loading its share of the
-batch) and sharded checkpoints are not built yet.
+`scripts/train.py` calls `initialize()` first thing in `main`. The trainer then runs the same
+loop on every process (`memjax.train.trainer`: each process hands JAX its share of every global
+batch, Orbax checkpoints from all processes, a signal to any process stops all of them at one
+step); process 0 alone writes the logs, metrics and results.
+
+CPU: cross-process collectives need an implementation on the CPU backend; `initialize()` picks
+gloo (`jax_cpu_collectives_implementation`, chosen before the backend starts) unless one is set
+already (JAX 0.12 defaults to gloo; an explicit "mpi" is kept). So several CPU processes on one
+machine train together, e.g. two with `XLA_FLAGS=--xla_force_host_platform_device_count=1`
+and `--config.mesh.data=-1` (`tests/train/test_multiprocess.py`).
 """
 
 import dataclasses
@@ -102,6 +108,10 @@ def initialize(environ: Mapping[str, str] | None = None) -> ProcessInfo:
         return _started
     args = initialize_args(environ)
     if args is not None and not jax.distributed.is_initialized():
+        if jax.config.jax_cpu_collectives_implementation is None:
+            # Without one, a CPU computation across processes fails ("Multiprocess computations
+            # aren't implemented on the CPU backend"); harmless for TPU and GPU devices.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(**args)
     _started = ProcessInfo(jax.process_index(), jax.process_count())
     return _started

@@ -14,6 +14,10 @@ regression, which gives every config written before this registry its metric nam
 An evaluator is registered as `factory(name, options, context) -> evaluate(params) -> metrics`,
 with `options` a dict and `context` an `EvalContext`; factories run once, evaluations at every
 `train.eval_every` steps. Evaluators of one loss share one compiled eval step.
+
+Several processes: every process runs the same full evaluation. Each builds every test batch,
+hands JAX its own rows of it (`memjax.train.mesh.global_batch`), and gets the eval step's sums
+replicated, so every process computes the metrics of a one-process run.
 """
 
 import dataclasses
@@ -23,6 +27,7 @@ import jax
 import numpy as np
 
 from memjax.registry import Registry
+from memjax.train import mesh as mesh_lib
 from memjax.train.step import make_eval_step, pad_rows, prepare_batch
 
 EVALUATORS = Registry("evaluator")
@@ -41,12 +46,18 @@ class EvalContext:
     def eval_step(self, loss: str):
         """The jitted `make_eval_step(model, loss)`, made once per loss (one compilation)."""
         if loss not in self._steps:
-            self._steps[loss] = jax.jit(make_eval_step(self.model, loss))
+            # Sums replicated: every process can read them (several processes, module doc).
+            out = None if self.sharding is None else mesh_lib.replicated(self.sharding.mesh)
+            self._steps[loss] = jax.jit(make_eval_step(self.model, loss), out_shardings=out)
         return self._steps[loss]
 
     def place(self, batch: dict, loss: str):
-        """A raw batch prepared for `loss`, padded to `batch_size` rows, on the devices."""
-        return jax.device_put(pad_rows(prepare_batch(batch, loss), self.batch_size), self.sharding)
+        """A raw batch prepared for `loss`, padded to `batch_size` rows, on the devices (split by
+        `sharding`, each process handing over its rows)."""
+        batch = pad_rows(prepare_batch(batch, loss), self.batch_size)
+        if self.sharding is None:
+            return jax.device_put(batch)
+        return mesh_lib.global_batch(batch, self.sharding)
 
 
 def default_evals(task) -> dict[str, dict]:

@@ -13,6 +13,11 @@ keeps its meaning); exactly one may be -1: it takes the devices the others leave
 (`jax.device_count()` divided by their product). The mesh uses the first `data * fsdp * tensor`
 devices (in `jax.devices()` order); their product must not exceed the device count, and with a
 -1 it must divide it. Anything else is a `ValueError` naming the sizes.
+
+Several processes (multi-host, `memjax.train.distributed`): `jax.devices()` lists every
+process's devices, process 0's first, so the batch axes split the global batch into one
+contiguous block of rows per process. Every process holds the same global host batch and hands
+JAX only its block (`process_rows`, `global_batch`).
 """
 
 import math
@@ -94,3 +99,48 @@ def batch_spec(mesh: Mesh) -> P:
 def batch_sharded(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over `data` and `fsdp`, the rest replicated."""
     return NamedSharding(mesh, batch_spec(mesh))
+
+
+def process_rows(sharding, rows: int) -> slice:
+    """The rows `[start, stop)` of a `[rows, ...]` batch that this process's devices hold under
+    `sharding` (a batch sharding: only the leading axis is split).
+
+    One process: every row. P processes with equal shares of the batch axes (`build_mesh` over
+    all devices): process p gets `[p * rows / P, (p + 1) * rows / P)`; a process whose devices
+    are replicas along the batch (the `tensor` axis spanning processes) gets the same block as
+    its replicas. Raises ValueError if the process's rows are not one contiguous block (a
+    hand-made device order), which `global_batch` could not hand over as one array.
+    """
+    spans = sorted({index[0].indices(rows)[:2]
+                    for index in sharding.addressable_devices_indices_map((rows,)).values()})
+    start, stop = spans[0]
+    for lo, hi in spans[1:]:
+        if lo > stop:
+            raise ValueError(f"process {jax.process_index()}'s devices hold rows {spans} of the "
+                             f"batch, not one contiguous block; build the mesh with build_mesh")
+        stop = max(stop, hi)
+    return slice(start, stop)
+
+
+def global_batch(batch: dict, sharding) -> dict[str, jax.Array]:
+    """A host batch `{name: [B, ...]}` as global arrays split over the batch axes by `sharding`.
+
+    Every process passes the same global batch; each hands JAX only the rows its devices hold
+    (`process_rows`), via `jax.make_array_from_process_local_data`, so nothing crosses between
+    processes. With one process this is `jax.device_put(batch, sharding)`.
+    """
+    rows = process_rows(sharding, next(iter(batch.values())).shape[0])
+    return {name: jax.make_array_from_process_local_data(sharding, value[rows], value.shape)
+            for name, value in batch.items()}
+
+
+def check_covers_processes(mesh: Mesh):
+    """Every process must hold devices of the mesh: a process outside it would have no share of
+    the batch and nothing to compute. Raises ValueError naming `config.mesh`'s fix."""
+    inside = {device.process_index for device in mesh.devices.flat}
+    missing = sorted(set(range(jax.process_count())) - inside)
+    if missing:
+        sizes = " x ".join(f"{axis} {size}" for axis, size in mesh.shape.items())
+        raise ValueError(f"the mesh ({sizes}: {mesh.devices.size} of {jax.device_count()} "
+                         f"devices) has no device of process(es) {missing} of "
+                         f"{jax.process_count()}; use every device, e.g. --config.mesh.data=-1")

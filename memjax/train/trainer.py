@@ -8,6 +8,20 @@ same workdir resumes from the latest checkpoint (parameters, optimizer, RNG, dat
 and partial metric sums), so an interrupted run ends exactly as an uninterrupted one would.
 SIGTERM/SIGINT save a checkpoint at the current step (once) and stop (`Preempted`).
 
+Several processes (multi-host; `memjax.train.distributed.initialize()` first, as
+`scripts/train.py` does): every process runs this same loop on the same global batches. Each
+generates the whole global batch (`task.batch_size` rows, the batches of a one-process run),
+prepares it and hands JAX only its own rows (`memjax.train.mesh.global_batch`): the supervised
+width that `prepare_batch` picks depends on every row, so it must come from the whole batch to
+agree across processes without a per-step exchange. The data iterator therefore has one state,
+the same on every process, and checkpoints resume under any process count. Evaluation runs the
+same full evaluation on every process (global arrays, replicated sums), so metrics equal a
+one-process run's. Checkpoints are saved and restored by every process (Orbax writes each
+array's shards from the processes that hold them, and the JSON extras from process 0). A
+signal reaching any one process stops them all at the same step: the processes agree on their
+stop flags with a tiny all-gather at log, evaluation and checkpoint steps (where the host waits
+for the device anyway), so a signal takes effect within `train.log_every` steps.
+
 The task chooses the loss (`TaskData.loss`): train metrics `loss` and `accuracy`
 (classification) or `loss` and `mse` (regression), plus `grad_norm` and the `aux/...` values
 that layers sow (`memjax.train.step`; sown losses are weighted by `train.aux_loss_weights`).
@@ -39,6 +53,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from memjax.config_validation import validate_config
@@ -84,8 +100,14 @@ def _stop_signals():
 
 
 def _check_batch_divisible(config, mesh):
-    """Batches split evenly over the batch axes (`data` x `fsdp`), and into micro-batches that
-    each split evenly too."""
+    """Batches split evenly over the processes and the batch axes (`data` x `fsdp`), and into
+    micro-batches that each split evenly too; every process holds devices of the mesh."""
+    processes = jax.process_count()
+    for key in ("batch_size", "eval_batch_size"):
+        if config.task[key] % processes:
+            raise ValueError(f"task.{key} = {config.task[key]} is not divisible by the "
+                             f"{processes} processes (each takes an equal share of the batch)")
+    mesh_lib.check_covers_processes(mesh)
     devices = mesh_lib.batch_devices(mesh)
     axes = f"mesh.data x mesh.fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}"
     for key in ("batch_size", "eval_batch_size"):
@@ -97,6 +119,17 @@ def _check_batch_divisible(config, mesh):
         raise ValueError(f"task.batch_size = {config.task.batch_size} does not split into "
                          f"train.grad_accum_steps = {k} micro-batches of a multiple of the "
                          f"{devices} devices of the batch axes ({axes})")
+
+
+def _agreed_signal(local: str | None) -> str | None:
+    """The stop signal any process received, e.g. `"SIGTERM on process 1"`, or None.
+
+    Every process must call this at the same steps: it all-gathers one int per process.
+    """
+    code = signal.Signals[local].value if local else 0
+    codes = np.asarray(multihost_utils.process_allgather(np.int32(code))).reshape(-1)
+    first = int(np.flatnonzero(codes)[0]) if codes.any() else None
+    return None if first is None else f"{signal.Signals(int(codes[first])).name} on process {first}"
 
 
 def _is_complete(result: dict, config) -> bool:
@@ -313,7 +346,8 @@ def _train_loop(config, workdir, hooks, task, model, state, checkpoints, evaluat
     new_buffer = buffer = None
     score = "mse" if task.loss == "mse" else "accuracy"  # the train metric shown beside the loss
     writer = MetricWriter(workdir, resume_step=start) if is_writer else NullWriter()
-    progress = _Progress(cfg.progress_bar, cfg.steps, start)
+    progress = _Progress(cfg.progress_bar and is_writer, cfg.steps, start)
+    several = jax.process_count() > 1
     stopped, test_metrics, step, saved = "steps", {}, start, None
     # Throughput counts the train loop only (not evaluation or checkpoints): seconds are summed
     # over the stretches between host reads, tokens over the steps in them.
@@ -343,11 +377,12 @@ def _train_loop(config, workdir, hooks, task, model, state, checkpoints, evaluat
     try:
         with _stop_signals() as stop:
             while step < cfg.steps:
+                # The whole global batch, prepared, then this process's rows (module doc).
                 batch = prepare_batch(next(train_iter), task.loss)
                 if buffer is None:
                     new_buffer = _buffer_factory(train_step, state, batch, cfg.log_every, replicated)
                     buffer = new_buffer()
-                state, buffer = step_fn(state, buffer, jax.device_put(batch, batch_sharding))
+                state, buffer = step_fn(state, buffer, mesh_lib.global_batch(batch, batch_sharding))
                 step += 1
                 window_tokens += batch["inputs"].shape[0] * batch["inputs"].shape[1]
                 for hook in hooks:
@@ -356,7 +391,9 @@ def _train_loop(config, workdir, hooks, task, model, state, checkpoints, evaluat
                 log = step % cfg.log_every == 0
                 evaluate_now = step % cfg.eval_every == 0 or step == cfg.steps
                 save_now = step % cfg.checkpoint_every == 0 or step == cfg.steps
-                if not (log or evaluate_now or save_now or stop["signal"]):
+                # One process reads its stop flag after every step; several agree on theirs only
+                # at these steps, which all of them reach together (_agreed_signal below).
+                if not (log or evaluate_now or save_now or (stop["signal"] and not several)):
                     continue
                 read_metrics()
                 if log:
@@ -377,11 +414,13 @@ def _train_loop(config, workdir, hooks, task, model, state, checkpoints, evaluat
                     break
                 # A signal may have landed at any point of this step, its evaluation or its
                 # save: stop here, saving this step unless it was just saved.
-                if stop["signal"] and step < cfg.steps:
-                    if saved != step:
-                        save()
-                    raise Preempted(f"{stop['signal']} at step {step}: saved checkpoint "
-                                    f"{checkpoints.directory}/{step}; run again to resume")
+                if step < cfg.steps:
+                    received = _agreed_signal(stop["signal"]) if several else stop["signal"]
+                    if received:
+                        if saved != step:
+                            save()
+                        raise Preempted(f"{received} at step {step}: saved checkpoint "
+                                        f"{checkpoints.directory}/{step}; run again to resume")
                 window_start = time.perf_counter()
     finally:
         progress.close()

@@ -113,6 +113,32 @@ def test_initialize_leaves_an_already_started_system_alone(fake_jax_distributed,
     assert fake_jax_distributed == []
 
 
+@pytest.mark.parametrize("chosen, expected", [(None, "gloo"), ("gloo", "gloo"), ("mpi", "mpi")])
+def test_initialize_gives_cpu_collectives_an_implementation(fake_jax_distributed, monkeypatch,
+                                                           chosen, expected):
+    """Several CPU processes need cross-process collectives: gloo unless one is chosen."""
+    option = "jax_cpu_collectives_implementation"
+    previous = getattr(distributed.jax.config, option)
+    distributed.jax.config.update(option, chosen)
+    try:
+        monkeypatch.setenv(DISTRIBUTED_VAR, "1")
+        distributed.initialize()
+        assert getattr(distributed.jax.config, option) == expected
+    finally:
+        distributed.jax.config.update(option, previous)
+
+
+def test_single_process_leaves_cpu_collectives_alone(fake_jax_distributed):
+    option = "jax_cpu_collectives_implementation"
+    previous = getattr(distributed.jax.config, option)
+    distributed.jax.config.update(option, None)
+    try:
+        distributed.initialize()
+        assert getattr(distributed.jax.config, option) is None
+    finally:
+        distributed.jax.config.update(option, previous)
+
+
 CHILD = """
 import json, jax
 from memjax.train import distributed
