@@ -225,6 +225,9 @@ def newton_schulz(x, steps: int = 5, eps: float = 1e-7):
     a, b, c = NS_COEFFS
     tall = x.shape[-2] > x.shape[-1]
     X = jnp.swapaxes(x, -1, -2) if tall else x
+    m, n = X.shape[-2:]
+    if 2 * n >= 3 * m:  # wide enough that the Gram form below does fewer flops
+        return _newton_schulz_gram(X, steps, eps, tall)
     squares = jnp.sum(X * X, axis=(-2, -1), keepdims=True)
     # sqrt at 0 has an infinite derivative: a zero matrix (no gradient yet) must not give NaN.
     norm = jnp.where(squares > 0, jnp.sqrt(jnp.where(squares > 0, squares, 1)), 0)
@@ -233,3 +236,30 @@ def newton_schulz(x, steps: int = 5, eps: float = 1e-7):
         A = X @ jnp.swapaxes(X, -1, -2)
         X = a * X + (b * A + c * (A @ A)) @ X
     return jnp.swapaxes(X, -1, -2) if tall else X
+
+
+def _newton_schulz_gram(X, steps: int, eps: float, tall: bool):
+    """``newton_schulz`` of a wide ``X [..., m, n]`` (m <= n) with every iteration in ``[m, m]``.
+
+    Each iteration left-multiplies X by an ``[m, m]`` matrix, so ``X_k = M_k X_0`` and
+    ``A_k = X_k X_k^T = M_k G M_k^T`` with ``G = X_0 X_0^T``: the same iteration (equal in exact
+    arithmetic, rounded differently), but X itself is touched by two ``[m, n]`` products (G and
+    the final ``M X``) instead of two per step, and no ``[m, n]`` iterate is stored for the
+    backward pass. Flops ``4 m^2 n + (8 steps - 6) m^3`` against ``steps (4 m^2 n + 2 m^3)``:
+    fewer when ``n >= 1.5 m`` (5 steps). ATLAS's polynomial-feature memories are ``[16, 273]``.
+    """
+    a, b, c = NS_COEFFS
+    T = lambda y: jnp.swapaxes(y, -1, -2)
+    raw = X @ T(X)  # [m, m]; its trace is ||X||_F^2
+    squares = jnp.trace(raw, axis1=-2, axis2=-1)[..., None, None]
+    # sqrt at 0 has an infinite derivative: a zero matrix (no gradient yet) must not give NaN.
+    norm = jnp.where(squares > 0, jnp.sqrt(jnp.where(squares > 0, squares, 1)), 0)
+    scale = 1 / (norm + eps)  # X_0 = scale X
+    G = raw * (scale * scale)
+    M = None  # M_0 = I
+    for _ in range(steps):
+        A = G if M is None else M @ G @ T(M)
+        P = b * A + c * (A @ A)
+        M = (a * jnp.eye(A.shape[-1], dtype=A.dtype) + P) if M is None else a * M + P @ M
+    out = (M * scale) @ X if M is not None else X * scale
+    return T(out) if tall else out

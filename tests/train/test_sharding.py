@@ -268,16 +268,18 @@ def test_bfloat16_compute_keeps_float32_state_and_a_close_loss(mixer):
 
 # --- checkpoints and memory -----------------------------------------------------------------
 
-def test_checkpoint_restores_into_the_state_shardings(tmp_path):
+@pytest.mark.parametrize("target", [{"data": 2, "tensor": 4}, {"data": 2, "fsdp": 4}, {"data": 1}],
+                         ids=["data2_tensor4", "data2_fsdp4", "one_device"])
+def test_checkpoint_restores_into_the_state_shardings(tmp_path, target):
+    """Saved with the state split 8 ways (FSDP over every device), restored onto another layout:
+    tensor parallel, a 2 x 4 mesh, and a single device."""
     config = model_config("attention")
     model, opt = build_model(config), optimizer()
-    saved, _ = sharding.init_sharded(init_fn(model, opt), jax.random.key(0),
-                                     build_mesh({"data": 2, "fsdp": 4}))
+    saved, _ = sharding.init_sharded(init_fn(model, opt), jax.random.key(0), build_mesh({"fsdp": 8}))
     checkpoints = Checkpointer(tmp_path, keep=1)
     try:
         checkpoints.save(1, saved, {"model": config})
-        # Into another layout (tensor parallel) than the one that wrote it.
-        mesh = build_mesh({"data": 2, "tensor": 4})
+        mesh = build_mesh(target)
         shardings = sharding.state_shardings(jax.eval_shape(init_fn(model, opt),
                                                             jax.random.key(0)), mesh)
         restored, _ = checkpoints.restore(1, abstract_like(saved, shardings), config)
@@ -286,8 +288,10 @@ def test_checkpoint_restores_into_the_state_shardings(tmp_path):
     jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(
         f"{x.sharding} != {s}"), (restored.params, restored.opt_state),
         (shardings.params, shardings.opt_state))
+    assert {d for x in jax.tree.leaves(restored.params) for d in x.devices()} == set(
+        mesh.devices.flat)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                 restored.params, saved.params)
+                 (restored.params, restored.opt_state), (saved.params, saved.opt_state))
 
 
 def test_fsdp_divides_parameter_and_optimizer_memory_per_device():
