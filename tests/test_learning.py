@@ -36,6 +36,9 @@ KNOWN_FAILURES: dict[str, str] = {
                    "tokens back come from the Gated DeltaNet memory of evicted tokens)",
     "hippo_rnn": "a prior, not recall: 0.242 after 1500 steps, probe 0.245 / 0.227 (measured "
                  "2026-12-04)",
+    "infini_attention": "recall, a hair short: 0.9892 after 1500 steps (0.9675 at 700, 0.9888 at "
+                        "1200-1400), probe 0.992 / 0.002 (measured 2026-12-04; 16-token segments, "
+                        "so pairs in earlier segments come from the compressive memory)",
     "linear_attention": "interference: every token is added to the 32 x 32 state and nothing is "
                         "removed; 0.870 after 1500 steps, probe 0.872 / 0.036 (docs/results/smoke)",
     "lmm": "recall, short of 0.99: 0.9805 after 1500 steps (0.854 at 500, 0.970 at 1000), probe "
@@ -47,6 +50,10 @@ KNOWN_FAILURES: dict[str, str] = {
              "answers are value tokens absent from the context (docs/results/ssm_recall)",
     "mamba2": "recall, but 0.9725 when the 1500-step schedule ends (0.966 at 1200), probe 0.969 / "
               "0.003; with a 3000-step schedule 0.9908 at step 2400 (docs/results/ssm_recall)",
+    "mom": "recall, flat at 0.63: 0.629 after 1500 steps (0.485 at 1000, 0.62 at 1200), probe "
+           "0.634 / 0.101 (measured 2026-12-04; 4 Gated DeltaNet memories, top-2). Not routing: "
+           "queries whose top-2 share no memory with their pair's value position are as accurate "
+           "(0.648) as those sharing two (0.632) (scripts/diagnose_mom_routing.py)",
     "retnet": "a prior, not recall: 0.151 after 1500 steps (0.10 at 700), probe 0.129 / 0.134 "
               "(measured 2026-12-04); fixed decays and GLA's output gate, cause not isolated",
     "titans_mac": "not remeasured since the block's short convolution went in front of MAC "
