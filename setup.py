@@ -15,6 +15,8 @@ setup(
         "flax>=0.12",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12",
+        # Run directories as paths or URIs (memjax.paths; Orbax depends on it too).
+        "etils[epath]>=1.12",
         "grain>=0.2.18",
         "ml-collections>=1.1",
         "numpy>=2.0",
@@ -23,5 +25,10 @@ setup(
         "tensorboardX>=2.6",
         "matplotlib>=3.9",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # gs:// workdirs: epath's file system for them (gcsfs), and the client tensorboardX
+        # writes TensorBoard there with (scripts/launch_pod.py installs it for a gs:// workdir).
+        "gcs": ["etils[epath-gcs]>=1.12", "google-cloud-storage>=2.0"],
+    },
 )

@@ -15,12 +15,17 @@ Plots:
 - `accuracy_vs_length.png` (when test slices span several lengths `T<n>...`): accuracy against
   test length, one line per run, slices of the same length averaged (e.g. over needle depths);
   final-position slices `T<n>_last` only, when a run has them.
+
+The sweep directory and the output directory may be remote (`gs://bucket/sweep`,
+`memjax.paths`).
 """
 
 import csv
+import io
 import json
 import re
-from pathlib import Path
+
+from memjax.paths import as_path
 
 # Mixer options that choose an implementation, not a model; left out of the mixer label.
 _IMPLEMENTATION_OPTIONS = {"impl", "chunk_size"}
@@ -87,7 +92,7 @@ def _with_probe(columns: dict, result: dict) -> dict:
 def collect(sweep_dir) -> list[dict]:
     """Rows of the runs under `sweep_dir` that have a `result.json`, sorted by name."""
     rows = []
-    for result_path in sorted(Path(sweep_dir).glob("*/result.json")):
+    for result_path in sorted(as_path(sweep_dir).glob("*/result.json")):
         run_dir = result_path.parent
         result = json.loads(result_path.read_text())
         config = json.loads((run_dir / "config.json").read_text())
@@ -153,10 +158,11 @@ def markdown_table(rows: list[dict]) -> str:
 
 def write_csv(rows: list[dict], path):
     columns = list(dict.fromkeys(c for row in rows for c in row)) or ["run"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    as_path(path).write_bytes(text.getvalue().encode())  # the CSV's own line ends (\r\n)
 
 
 def _pyplot():
@@ -200,8 +206,7 @@ def plot_accuracy_vs_state(rows: list[dict], path):
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize="small",
                bbox_to_anchor=(0.5, 0.0))
     fig.tight_layout(rect=(0, 0.1 if nrows == 1 else 0.06, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def accuracy_by_length(row: dict) -> dict[int, float]:
@@ -242,16 +247,23 @@ def plot_accuracy_vs_length(rows: list[dict], path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return True
+
+
+def _save(fig, path):
+    """Saves a figure as PNG to `path` (local or remote) and closes it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    _pyplot().close(fig)
+    as_path(path).write_bytes(buffer.getvalue())
 
 
 def write_report(sweep_dir, out_dir=None) -> list[dict]:
     """Writes `report.md` (best learning rate per (mixer, d_model), then every run),
     `report.csv` (every run) and the plots into `out_dir` (default: the sweep directory);
     returns the rows of every run."""
-    out_dir = Path(out_dir or sweep_dir)
+    out_dir = as_path(out_dir or sweep_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = collect(sweep_dir)
     best = best_per_point(rows)

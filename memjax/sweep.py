@@ -6,17 +6,24 @@ directory under the sweep directory), `config` (`path.py:args`) and optional `ov
 (`{"train.steps": 500}`, passed as `--config.train.steps=500`). A run whose `result.json` exists
 is complete and skipped, so an interrupted sweep started again runs only what is missing (and a
 run killed midway resumes from its own checkpoint).
+
+The sweep directory may be remote (`gs://bucket/sweep`, `memjax.paths`): the runs get remote
+workdirs; a run's output goes to a local temporary file while it runs and is then appended to
+its `log.txt` there.
 """
 
 import concurrent.futures
 import importlib.util
 import json
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from pathlib import Path
+
+from memjax.paths import as_path, is_remote
 
 
 def load_study_module(path):
@@ -42,14 +49,14 @@ def load_study(path: str, preset: str) -> list[dict]:
     return runs
 
 
-def command(run: dict, workdir: Path) -> list[str]:
+def command(run: dict, workdir) -> list[str]:
     overrides = [f"--config.{k}={v}" for k, v in run.get("overrides", {}).items()]
     return [sys.executable, "scripts/train.py", "--config", run["config"],
             "--workdir", str(workdir), "--config.train.progress_bar=False", *overrides]
 
 
-def is_complete(workdir: Path) -> bool:
-    return (workdir / "result.json").exists()
+def is_complete(workdir) -> bool:
+    return (as_path(workdir) / "result.json").exists()
 
 
 class _Children:
@@ -72,7 +79,7 @@ class _Children:
                 proc.send_signal(signal.SIGTERM)
 
 
-def launch(run: dict, workdir: Path, children: _Children | None = None) -> dict | None:
+def launch(run: dict, workdir, children: _Children | None = None) -> dict | None:
     """Runs one training subprocess; logs to `workdir/log.txt`, wall time to `sweep_run.json`.
 
     The wall time accumulates over launches (a run resumed after an interrupted sweep reports
@@ -81,11 +88,15 @@ def launch(run: dict, workdir: Path, children: _Children | None = None) -> dict 
     children = children or _Children()
     if children.stopping.is_set():
         return None
+    workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     info_path = workdir / "sweep_run.json"
     previous = json.loads(info_path.read_text()) if info_path.exists() else {}
     start = time.time()
-    with open(workdir / "log.txt", "a") as log:
+    log_path = workdir / "log.txt"
+    # A subprocess writes to a local file: log.txt itself, or for a remote workdir a temporary
+    # file appended to log.txt once the run ends.
+    with (tempfile.TemporaryFile() if is_remote(workdir) else open(log_path, "ab")) as log:
         with children.lock:
             if children.stopping.is_set():  # stopped while this run was being set up
                 return None
@@ -94,6 +105,12 @@ def launch(run: dict, workdir: Path, children: _Children | None = None) -> dict 
         code = proc.wait()
         with children.lock:
             children.procs.discard(proc)
+        if is_remote(workdir):
+            log.seek(0)
+            earlier = log_path.read_bytes() if log_path.exists() else b""
+            with log_path.open("wb") as out:
+                out.write(earlier)
+                shutil.copyfileobj(log, out)
     info = {"name": run["name"], "config": run["config"], "overrides": run.get("overrides", {}),
             "returncode": code, "wall_s": previous.get("wall_s", 0.0) + time.time() - start,
             "launches": previous.get("launches", 0) + 1}
@@ -119,7 +136,7 @@ def run_sweep(study: str, sweep_dir, preset: str = "cpu", parallel: int = 1, dry
     `only`: run names to keep, in the given order (a subset of the study's runs); an unknown
     name is an error listing the study's runs.
     """
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = as_path(sweep_dir)
     runs = select_runs(load_study(study, preset), only)
     todo = [r for r in runs if not is_complete(sweep_dir / r["name"])]
     print(f"{len(runs)} runs in {study} (preset {preset}); {len(runs) - len(todo)} complete, "

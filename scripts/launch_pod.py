@@ -7,8 +7,8 @@
 Five steps, each one command: (1) create the slice (`gcloud compute tpus tpu-vm create`; skipped
 with `--existing`), (2) pack the repository's committed files (`git archive HEAD`, run here),
 (3) copy the tarball to every worker (`tpu-vm scp --worker=all`), (4) set up every worker
-(unpack, `make setup`, then `jax[tpu]` at the version pinned in constraints.txt, which brings the
-libtpu wheel), (5) start training on every worker in the background (`nohup`, log in
+(unpack, `make setup`, for a gs:// workdir the `gcs` extra (gcsfs, google-cloud-storage), then
+`jax[tpu]` at the version pinned in constraints.txt, which brings the libtpu wheel), (5) start training on every worker in the background (`nohup`, log in
 `~/memjax/train.log`) with `MEMJAX_DISTRIBUTED=1`. `--dry-run` prints the commands, shell-quoted,
 one a line, with `#` notes; otherwise they run in order and the first failure stops the launch.
 
@@ -18,10 +18,11 @@ memory, not this machine's), and the accelerator type parses (`HOST_RULES`). The
 `--config.mesh.data=-1` (every device of the slice) unless a `--set mesh.*` override is given.
 
 scripts/train.py starts JAX's distributed system (`memjax.train.distributed.initialize()`), and
-the trainer trains across hosts (each process hands JAX its rows of every batch, checkpoints are
-saved from every process; tested with two CPU processes, tests/train/test_multiprocess.py).
-Not yet (see `NOT_YET`): the trainer treats --workdir as a local path (no gs://), which a
-multi-host slice needs for its checkpoints.
+the trainer trains across hosts (each process generates only its rows of every batch, checkpoints
+are saved from every process; tested with two CPU processes, tests/train/test_multiprocess.py).
+--workdir may be gs://... (shared storage, which a multi-host slice needs for its checkpoints):
+the trainer, checkpoints, metrics and results take it through `memjax.paths` (etils.epath).
+Not yet (see `NOT_YET`): any of this run on a TPU pod or against Google Cloud Storage.
 """
 
 import argparse
@@ -71,9 +72,9 @@ ALIASES = {"v5e": "v5litepod", "v5lite": "v5litepod"}  # names people use that g
 # Gaps between this launcher and a working multi-host run, printed as notes with every launch.
 # Delete a line when its gap is closed.
 NOT_YET = (
-    "not yet: memjax/train/trainer.py resolves --workdir with pathlib (Path(workdir).absolute()): "
-    "a gs:// workdir is not supported yet (it becomes a local directory named 'gs:' on each "
-    "worker)",
+    "not yet tested against Google Cloud Storage: gs:// workdirs go through etils.epath (gcsfs) "
+    "and Orbax/TensorStore, tested with local paths and with gs:// paths redirected to a local "
+    "directory (tests/train/test_remote_workdir.py)",
     "not yet tested on a TPU pod: multi-host training (per-process batch rows, checkpoints "
     "from every process, preemption agreed across processes) is tested with two CPU processes "
     "on one machine only (tests/train/test_multiprocess.py)",
@@ -263,6 +264,8 @@ def plan(args) -> tuple[list[str], list[Step], str]:
         "&& sudo add-apt-repository -y ppa:deadsnakes/ppa && "
         "sudo apt-get -o DPkg::Lock::Timeout=600 install -y -q python3.12 python3.12-venv; fi",
         "make setup",
+        *([".venv/bin/pip install -q -c constraints.txt -e '.[gcs]'"]
+          if args.workdir.startswith("gs://") else []),  # gcsfs for epath, a client for TensorBoard
         f'.venv/bin/pip install -q -c constraints.txt "jax[tpu]=={jax_version}"',
     ])
     steps.append(Step("set up every worker",

@@ -5,7 +5,8 @@
 * `check_fraction` validates a number in [0, 1] (e.g. a needle depth).
 * `build_task` is the whole body of a standard task builder: parse ``cfg.train_slices`` and
   ``cfg.test_slices`` into settings objects (errors name the entry), turn each into a
-  `data.Slice`, and return the `TaskData` with ``sample_length`` the longest training length.
+  `data.Slice` (with its ``max_supervised``), and return the `TaskData` with ``sample_length``
+  the longest training length.
 
 A settings object used with `build_task` has ``name``, ``num_examples`` and ``seq_len``.
 """
@@ -47,18 +48,22 @@ def check_fraction(name: str, value: Any) -> float:
 
 
 def build_task(cfg, seed: int, parse: Callable[[tuple], Any],
-               batch_fn: Callable[[Any], data.BatchFn]) -> TaskData:
+               batch_fn: Callable[[Any], data.BatchFn],
+               max_supervised: Callable[[Any], int | None] = lambda settings: None) -> TaskData:
     """Train and test data from ``cfg.train_slices`` / ``cfg.test_slices``.
 
     ``parse(entry)`` turns one config tuple into a settings object (raising ValueError for an
-    impossible one); ``batch_fn(settings)`` returns that slice's ``(seed, indices) -> batch``.
-    Uses ``cfg.batch_size`` and ``cfg.eval_batch_size``.
+    impossible one); ``batch_fn(settings)`` returns that slice's ``(seed, indices) -> batch``;
+    ``max_supervised(settings)`` the most supervised positions of one of its examples
+    (``data.Slice.max_supervised``; None: not declared). Uses ``cfg.batch_size`` and
+    ``cfg.eval_batch_size``.
     """
     train = parse_settings(cfg, "train_slices", parse)
     test = parse_settings(cfg, "test_slices", parse)
 
     def slices(settings_list):
-        return [data.Slice(s.name, s.num_examples, batch_fn(s)) for s in settings_list]
+        return [data.Slice(s.name, s.num_examples, batch_fn(s), max_supervised(s))
+                for s in settings_list]
 
     return TaskData(
         train=data.train_dataset(slices(train), cfg.batch_size, seed),

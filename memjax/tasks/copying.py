@@ -125,7 +125,8 @@ def _parse(vocab_size: int, entry: tuple) -> CopySettings:
 
 def _build(make_example, cfg, seed: int) -> TaskData:
     return build_task(cfg, seed, functools.partial(_parse, cfg.vocab_size),
-                      lambda s: data.stacked(functools.partial(make_example, s)))
+                      lambda s: data.stacked(functools.partial(make_example, s)),
+                      max_supervised=lambda s: s.num_tokens)  # the L copied tokens
 
 
 @TASKS.register("copy")

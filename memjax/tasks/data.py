@@ -9,6 +9,15 @@ example shares a random stream with a training example.
 
 Training batches never mix slices (slices may differ in length); test sets are kept per slice so
 that metrics are reported per slice.
+
+Several processes (multi-host training) each need only their rows of every batch: ``with_rows``
+turns the batches of ``train_dataset`` or ``test_datasets`` into this process's rows ``[start,
+stop)`` of each, generating only those examples (a batch's indices are cut before its examples
+are made). The batches follow in the same order and the iterator state is the same as the whole
+batches', so every process holds one state and it resumes under any process count. A slice may
+declare ``max_supervised``, the most supervised positions (labels other than ``IGNORE_INDEX``)
+any of its examples has; its row batches carry it under ``MAX_SUPERVISED``, so processes can
+agree on a batch's supervised width without seeing each other's rows (``memjax.train.step``).
 """
 
 from __future__ import annotations
@@ -34,6 +43,9 @@ _SHUFFLE_CODE = 2
 
 BatchFn = Callable[[int, np.ndarray], dict[str, np.ndarray]]
 
+# Key of the slice's ``max_supervised`` in the batches ``with_rows`` makes (when it is declared).
+MAX_SUPERVISED = "max_supervised"
+
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
@@ -42,15 +54,25 @@ class Slice:
     ``make_batch`` returns a dict of arrays with leading dimension ``len(indices)``, row ``b`` a
     pure function of ``(seed, indices[b])``. ``name`` labels the slice's test metrics
     (``test/<name>/accuracy``).
+
+    ``max_supervised`` (classification slices, optional): the most positions of one example whose
+    label (under ``"labels"``, or every ``*_labels`` key of probe batches) is not
+    ``IGNORE_INDEX``. Several processes size the supervised width of the slice's batches from it
+    without seeing the other processes' rows; a row with more is an error there, and a slice
+    without it gets the full length (correct, but computes every position).
     """
 
     name: str
     num_examples: int
     make_batch: BatchFn
+    max_supervised: int | None = None
 
     def __post_init__(self):
         if as_int("num_examples", self.num_examples) < 1:
             raise ValueError(f"slice {self.name}: num_examples must be >= 1, got {self.num_examples}")
+        if self.max_supervised is not None and as_int("max_supervised", self.max_supervised) < 0:
+            raise ValueError(f"slice {self.name}: max_supervised must be >= 0 or None, got "
+                             f"{self.max_supervised}")
 
 
 def as_int(name: str, value: Any) -> int:
@@ -148,13 +170,40 @@ def _check_slices(slices: Sequence[Slice]) -> list[Slice]:
     return slices
 
 
-def _batched(s: Slice, seed: int, batch_size: int, drop_remainder: bool) -> grain.MapDataset:
-    """Batches of one slice, each generated in one ``make_batch`` call."""
-    return (
-        grain.MapDataset.range(s.num_examples)
-        .batch(batch_size, drop_remainder=drop_remainder)
-        .map(functools.partial(s.make_batch, seed))
-    )
+def _check_rows(rows, batch_size: int) -> slice | None:
+    """``rows`` as ``slice(start, stop)`` with ``0 <= start <= stop <= batch_size``, or None."""
+    if rows is None:
+        return None
+    if not isinstance(rows, slice) or rows.step not in (None, 1):
+        raise ValueError(f"rows must be a slice(start, stop) of a batch, got {rows!r}")
+    start, stop = (0 if rows.start is None else as_int("rows.start", rows.start),
+                   batch_size if rows.stop is None else as_int("rows.stop", rows.stop))
+    if not 0 <= start <= stop <= batch_size:
+        raise ValueError(f"rows {start}:{stop} are not within a batch of {batch_size} rows")
+    return slice(start, stop)
+
+
+def _make_rows(s: Slice, seed: int, rows: slice, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows ``rows`` of the batch of examples ``indices`` (fewer, or none, past a short last
+    batch), plus ``MAX_SUPERVISED`` when the slice declares it."""
+    local = indices[rows]
+    if len(local):
+        batch = dict(s.make_batch(seed, local))
+    else:  # no example here; an empty batch of the right shapes (from the batch's first example)
+        batch = {key: value[:0] for key, value in s.make_batch(seed, indices[:1]).items()}
+    if s.max_supervised is not None:
+        batch[MAX_SUPERVISED] = int(s.max_supervised)
+    return batch
+
+
+def _batched(s: Slice, seed: int, batch_size: int, drop_remainder: bool,
+             rows: slice | None = None) -> grain.MapDataset:
+    """Batches of one slice, each generated in one ``make_batch`` call (only rows ``rows`` of it,
+    if given)."""
+    batches = grain.MapDataset.range(s.num_examples).batch(batch_size, drop_remainder=drop_remainder)
+    if rows is None:
+        return batches.map(functools.partial(s.make_batch, seed))
+    return batches.map(functools.partial(_make_rows, s, seed, rows))
 
 
 def batches_per_epoch(slices: Sequence[Slice], batch_size: int) -> int:
@@ -166,7 +215,7 @@ def batches_per_epoch(slices: Sequence[Slice], batch_size: int) -> int:
 def train_dataset(
     slices: Sequence[Slice], batch_size: int, seed: int, *, prefetch: int = 0,
     order: str = "shuffled",
-) -> grain.IterDataset:
+) -> TrainBatches:
     """Endless training batches, each from one slice.
 
     Slice ``i`` uses ``slice_seeds(seed, len(slices), "train")[i]`` and is cut into
@@ -177,7 +226,8 @@ def train_dataset(
 
     The iterator supports ``get_state()`` / ``set_state(state)``; the state is a small
     JSON-serialisable dict (``{"next_index": n}``), and restoring it yields exactly the batches
-    that would have followed.
+    that would have followed. ``with_rows(rows)`` on the result gives only some rows of every
+    batch, with the same states (``TrainBatches``).
 
     Args:
       prefetch: batches to prepare ahead in one background thread; 0 (default) generates each
@@ -203,26 +253,88 @@ def train_dataset(
                              f"batch_size={batch_size}; it would contribute no batch")
     if order not in TRAIN_ORDERS:
         raise ValueError(f"unknown training order {order!r}; known: {', '.join(TRAIN_ORDERS)}")
-    seeds = slice_seeds(seed, len(slices), "train")
-    batched = [_batched(s, sd, batch_size, True) for s, sd in zip(slices, seeds)]
-    if order == "segments":
-        epoch = grain.MapDataset.concatenate(
-            [b.shuffle(seed=_shuffle_seed(sd)) for b, sd in zip(batched, seeds)])
-        stream = epoch.repeat(None)
-    else:
-        # shuffle() permutes within each epoch of length len(epoch) and derives the permutation
-        # from seed + epoch number; repeat(None) feeds it indices across epochs, so every epoch
-        # differs.
-        stream = grain.MapDataset.concatenate(batched).shuffle(seed=_shuffle_seed(seed)).repeat(None)
-    read_options = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
-    return stream.to_iter_dataset(read_options)
+    return TrainBatches(slices, batch_size, seed, prefetch, order)
 
 
-def test_datasets(slices: Sequence[Slice], batch_size: int, seed: int) -> dict[str, grain.MapDataset]:
-    """Evaluation batches per slice: ``{slice.name: MapDataset}`` in the order of ``slices``.
+class TrainBatches(grain.IterDataset):
+    """``train_dataset``'s batches: a Grain ``IterDataset`` that can also make row blocks.
 
-    Each ``MapDataset`` has ``ceil(num_examples / batch_size)`` batches in example order; the last
-    may be smaller so every test example is scored once. Slice ``i`` uses
+    ``with_rows(slice(start, stop))`` is the same stream of batches cut to rows ``[start, stop)``
+    of each: only those examples are generated, each batch carries its slice's
+    ``max_supervised`` under ``MAX_SUPERVISED`` (when declared), and iterator states are those of
+    the whole batches (one state restores either, under any row block).
+    """
+
+    def __init__(self, slices: list[Slice], batch_size: int, seed: int, prefetch: int, order: str,
+                 rows: slice | None = None):
+        self._args = (slices, batch_size, seed, prefetch, order)
+        self.rows = rows
+        seeds = slice_seeds(seed, len(slices), "train")
+        batched = [_batched(s, sd, batch_size, True, rows) for s, sd in zip(slices, seeds)]
+        if order == "segments":
+            epoch = grain.MapDataset.concatenate(
+                [b.shuffle(seed=_shuffle_seed(sd)) for b, sd in zip(batched, seeds)])
+            stream = epoch.repeat(None)
+        else:
+            # shuffle() permutes within each epoch of length len(epoch) and derives the
+            # permutation from seed + epoch number; repeat(None) feeds it indices across epochs,
+            # so every epoch differs.
+            stream = grain.MapDataset.concatenate(batched).shuffle(
+                seed=_shuffle_seed(seed)).repeat(None)
+        read_options = grain.ReadOptions(num_threads=1 if prefetch else 0,
+                                         prefetch_buffer_size=prefetch)
+        self._stream = stream.to_iter_dataset(read_options)
+        super().__init__(self._stream)
+
+    def __iter__(self):
+        return self._stream.__iter__()
+
+    def __str__(self) -> str:
+        return "TrainBatches" + ("" if self.rows is None else f"(rows={self.rows})")
+
+    def with_rows(self, rows: slice) -> TrainBatches:
+        """These batches cut to rows ``rows`` (``slice(start, stop)``) of each (class doc)."""
+        return TrainBatches(*self._args, rows=_check_rows(rows, self._args[1]))
+
+
+class SliceBatches(grain.MapDataset):
+    """One slice's evaluation batches in example order (``test_datasets``): a Grain
+    ``MapDataset`` that can also make row blocks.
+
+    ``with_rows(slice(start, stop))`` is the same batches cut to rows ``[start, stop)`` of each:
+    only those examples are generated (fewer past the end of the last, shorter batch; none when
+    it ends before ``start``), and each batch carries the slice's ``max_supervised`` under
+    ``MAX_SUPERVISED`` (when declared).
+    """
+
+    def __init__(self, s: Slice, seed: int, batch_size: int, rows: slice | None = None):
+        self.source, self.seed, self.batch_size, self.rows = s, seed, batch_size, rows
+        self._batches = _batched(s, seed, batch_size, False, rows)
+        super().__init__(self._batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._batches[index]
+
+    def __str__(self) -> str:
+        rows = "" if self.rows is None else f", rows={self.rows}"
+        return f"SliceBatches({self.source.name}{rows})"
+
+    def with_rows(self, rows: slice) -> SliceBatches:
+        """These batches cut to rows ``rows`` (``slice(start, stop)``) of each (class doc)."""
+        return SliceBatches(self.source, self.seed, self.batch_size,
+                            _check_rows(rows, self.batch_size))
+
+
+def test_datasets(slices: Sequence[Slice], batch_size: int, seed: int) -> dict[str, SliceBatches]:
+    """Evaluation batches per slice: ``{slice.name: SliceBatches}`` in the order of ``slices``.
+
+    Each ``SliceBatches`` (a ``MapDataset``) has ``ceil(num_examples / batch_size)`` batches in
+    example order; the last may be smaller so every test example is scored once. Slice ``i`` uses
     ``slice_seeds(seed, len(slices), "test")[i]``, disjoint from every training seed.
     """
     slices = _check_slices(slices)
@@ -232,7 +344,25 @@ def test_datasets(slices: Sequence[Slice], batch_size: int, seed: int) -> dict[s
     if len(set(names)) != len(names):
         raise ValueError(f"slices must have distinct names for evaluation, got {names}")
     seeds = slice_seeds(seed, len(slices), "test")
-    return {s.name: _batched(s, sd, batch_size, False) for s, sd in zip(slices, seeds)}
+    return {s.name: SliceBatches(s, sd, batch_size) for s, sd in zip(slices, seeds)}
+
+
+def with_rows(dataset, rows: slice):
+    """``dataset``'s batches cut to rows ``rows`` (``slice(start, stop)``) of each.
+
+    Batches of ``train_dataset`` and ``test_datasets`` are generated row by row (their
+    ``with_rows``). Any other Grain dataset of batch dicts (a task built without this module) is
+    generated whole and cut, without ``MAX_SUPERVISED``; its iterator state is unchanged.
+    """
+    if isinstance(dataset, (TrainBatches, SliceBatches)):
+        return dataset.with_rows(rows)
+    if not isinstance(rows, slice) or rows.step not in (None, 1):
+        raise ValueError(f"rows must be a slice(start, stop) of a batch, got {rows!r}")
+    return dataset.map(functools.partial(_cut_rows, rows))
+
+
+def _cut_rows(rows: slice, batch: dict) -> dict:
+    return {key: value[rows] for key, value in batch.items()}
 
 
 # Its name starts with "test_"; keep pytest from collecting it when a test module imports it.

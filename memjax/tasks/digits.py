@@ -353,7 +353,8 @@ class SequentialImages:
     def as_slice(self, settings: DigitsSlice) -> data.Slice:
         num_examples = settings.num_examples or self.split_size(settings.split)
         return data.Slice(settings.name, num_examples,
-                          functools.partial(self.make_examples, settings.split))
+                          functools.partial(self.make_examples, settings.split),
+                          max_supervised=1)  # the class token at the last pixel
 
 
 def _parse_slice(images: SequentialImages, is_test: bool, entry: tuple) -> DigitsSlice:

@@ -81,4 +81,5 @@ def build(cfg, seed: int) -> TaskData:
     """Induction heads from `config.task`: vocab_size, train_slices and test_slices (tuples
     `(seq_len, num_examples)`), batch_size, eval_batch_size."""
     return build_task(cfg, seed, functools.partial(_parse, cfg.vocab_size),
-                      lambda s: data.stacked(functools.partial(make_example, s)))
+                      lambda s: data.stacked(functools.partial(make_example, s)),
+                      max_supervised=lambda s: 1)  # the last position

@@ -269,8 +269,10 @@ def _slices(vocab_size, segments, power_a, random_filler) -> list[data.Slice]:
             raise ValueError(f"segments must be Segment objects, got {seg!r}")
         check_settings(vocab_size, seg.seq_len, seg.num_pairs)
     power_a = _check_power_a(power_a)
+    # Supervised: the K query positions.
     return [data.Slice(seg.name, seg.num_examples,
-                       functools.partial(_segment_batch, vocab_size, seg, power_a, bool(random_filler)))
+                       functools.partial(_segment_batch, vocab_size, seg, power_a, bool(random_filler)),
+                       max_supervised=seg.num_pairs)
             for seg in segments]
 
 
@@ -355,7 +357,8 @@ def probe_datasets(
         raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}")
     probes = [
         data.Slice(s.name, min(s.num_examples, max_examples or s.num_examples),
-                   functools.partial(_probe_batch, s.make_batch, seg.num_pairs))
+                   functools.partial(_probe_batch, s.make_batch, seg.num_pairs),
+                   max_supervised=seg.num_pairs)
         for s, seg in zip(slices, segments)
     ]
     # All segments go in, so segment i keeps test seed i; the one-pair ones are dropped after.

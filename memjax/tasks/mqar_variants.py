@@ -141,7 +141,8 @@ def build_overwrite(cfg, seed: int) -> TaskData:
     """MQAR with overwrites from `config.task`: vocab_size, train_slices and test_slices (tuples
     `(seq_len, num_keys, num_updates, num_examples)`), batch_size, eval_batch_size."""
     return build_task(cfg, seed, functools.partial(_parse_overwrite, cfg.vocab_size),
-                      lambda s: data.stacked(functools.partial(make_overwrite_example, s)))
+                      lambda s: data.stacked(functools.partial(make_overwrite_example, s)),
+                      max_supervised=lambda s: s.num_keys)  # one query per key
 
 
 # ------------------------------------------------------------------------------- compositional
@@ -224,4 +225,5 @@ def build_compositional(cfg, seed: int) -> TaskData:
     """Compositional-key MQAR from `config.task`: vocab_size, train_slices and test_slices
     (tuples `(seq_len, num_pairs, num_examples)`), batch_size, eval_batch_size."""
     return build_task(cfg, seed, functools.partial(_parse_compositional, cfg.vocab_size),
-                      lambda s: data.stacked(functools.partial(make_compositional_example, s)))
+                      lambda s: data.stacked(functools.partial(make_compositional_example, s)),
+                      max_supervised=lambda s: s.num_pairs)  # one query per pair

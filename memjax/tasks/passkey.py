@@ -139,4 +139,5 @@ def build(cfg, seed: int) -> TaskData:
     """Passkey retrieval from `config.task`: vocab_size, passkey_len, num_digits, train_slices and
     test_slices (tuples `(seq_len, depth, num_examples)`), batch_size, eval_batch_size."""
     return build_task(cfg, seed, functools.partial(_parse, cfg),
-                      lambda s: data.stacked(functools.partial(make_example, s)))
+                      lambda s: data.stacked(functools.partial(make_example, s)),
+                      max_supervised=lambda s: s.passkey_len)  # the n passkey digits

@@ -31,6 +31,10 @@ class TaskData:
     "swapped_labels": int[B, T], "original_labels": int[B, T]}`, scored by the trainer as
     `probe/<slice>/swapped_accuracy` and `probe/<slice>/original_accuracy` beside the test
     accuracy (MQAR's key-swap recall probe, `memjax.tasks.recall_probe`).
+
+    Datasets from `memjax.tasks.data` (`train_dataset`, `test_datasets`) let each process of a
+    multi-host run generate only its rows of every batch (`data.with_rows`); other Grain datasets
+    work too, each process then generating whole batches and keeping its rows.
     """
 
     train: grain.IterDataset  # endless batches (see above); checkpointable iterator

@@ -147,7 +147,8 @@ class StateTrackingSlice:
         return {key: value[0] for key, value in batch.items()}
 
     def as_slice(self) -> data.Slice:
-        return data.Slice(self.name, self.num_examples, self.make_examples)
+        return data.Slice(self.name, self.num_examples, self.make_examples,
+                          max_supervised=self.seq_len if self.supervise == "all" else 1)
 
 
 def _uniform_tokens(count: int, length: int, rng: np.random.Generator) -> tuple[np.ndarray]:

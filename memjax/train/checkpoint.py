@@ -6,15 +6,16 @@ a temporary directory and renames it, so an interrupted save never replaces a go
 
 Several processes: every process calls `save` and `restore` (Orbax writes each array's shards
 from the processes that hold them and the JSON extras from process 0, with barriers between;
-the directory must be one shared by all processes). The one change made here outside Orbax,
-`set_aside`, is done by process 0 while the others wait.
+the directory must be one shared by all processes, e.g. `gs://bucket/run/checkpoints`: paths go
+through `memjax.paths`). The one change made here outside Orbax, `set_aside`, is done by process
+0 while the others wait.
 """
-
-from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from memjax.paths import as_path
 
 
 class CheckpointError(RuntimeError):
@@ -69,7 +70,7 @@ class Checkpointer:
     """Keeps the last `keep` checkpoints under `directory`; saving happens when the trainer asks."""
 
     def __init__(self, directory, keep: int):
-        self.directory = Path(directory).absolute()
+        self.directory = as_path(directory)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -84,9 +85,9 @@ class Checkpointer:
         """Saved steps, newest first."""
         return sorted(self._manager.all_steps(), reverse=True)
 
-    def set_aside(self, step: int, destination) -> Path:
+    def set_aside(self, step: int, destination):
         """Moves checkpoint `step` to `destination/<step>` (kept for inspection, no longer used)."""
-        target = Path(destination) / str(step)
+        target = as_path(destination) / str(step)
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
             (self.directory / str(step)).rename(target)

@@ -20,9 +20,9 @@ otherwise (before the first `jax.devices()` or computation), as `jax.distributed
 requires.
 
 `scripts/train.py` calls `initialize()` first thing in `main`. The trainer then runs the same
-loop on every process (`memjax.train.trainer`: each process hands JAX its share of every global
-batch, Orbax checkpoints from all processes, a signal to any process stops all of them at one
-step); process 0 alone writes the logs, metrics and results.
+loop on every process (`memjax.train.trainer`: each process generates only its share of every
+global batch and hands it to JAX, Orbax checkpoints from all processes, a signal to any process
+stops all of them at one step); process 0 alone writes the logs, metrics and results.
 
 CPU: cross-process collectives need an implementation on the CPU backend; `initialize()` picks
 gloo (`jax_cpu_collectives_implementation`, chosen before the backend starts) unless one is set

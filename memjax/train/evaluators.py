@@ -15,20 +15,25 @@ An evaluator is registered as `factory(name, options, context) -> evaluate(param
 with `options` a dict and `context` an `EvalContext`; factories run once, evaluations at every
 `train.eval_every` steps. Evaluators of one loss share one compiled eval step.
 
-Several processes: every process runs the same full evaluation. Each builds every test batch,
-hands JAX its own rows of it (`memjax.train.mesh.global_batch`), and gets the eval step's sums
-replicated, so every process computes the metrics of a one-process run.
+Several processes: every process runs the same full evaluation, over the same batches. Each
+generates only its own rows of every test batch (`memjax.tasks.data.with_rows`; padding rows
+past a short last batch), prepares them with the width all processes agree on
+(`memjax.train.step.prepare_rows`), hands them to JAX as its part of the global batch
+(`memjax.train.mesh.global_batch`), and gets the eval step's sums replicated, so every process
+computes the metrics of a one-process run.
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
 from memjax.registry import Registry
+from memjax.tasks import data
 from memjax.train import mesh as mesh_lib
-from memjax.train.step import make_eval_step, pad_rows, prepare_batch
+from memjax.train.step import make_eval_step, pad_rows, prepare_batch, prepare_rows
 
 EVALUATORS = Registry("evaluator")
 
@@ -43,6 +48,23 @@ class EvalContext:
     sharding: Any  # batch sharding, or None for the default device
     _steps: dict = dataclasses.field(default_factory=dict)
 
+    @functools.cached_property
+    def rows(self) -> slice | None:
+        """This process's rows of every (padded) test batch; None without a sharding (all)."""
+        if self.sharding is None:
+            return None
+        return mesh_lib.process_rows(self.sharding, self.batch_size)
+
+    def batches(self, datasets):
+        """Yields `(slice name, raw batch)` over every batch of every slice of `datasets`, each
+        read once: this process's rows of it (`data.with_rows`), or all without a sharding."""
+        rows = self.rows
+        for slice_name, batches in datasets.items():
+            if rows is not None:
+                batches = data.with_rows(batches, rows)
+            for i in range(len(batches)):
+                yield slice_name, batches[i]
+
     def eval_step(self, loss: str):
         """The jitted `make_eval_step(model, loss)`, made once per loss (one compilation)."""
         if loss not in self._steps:
@@ -52,12 +74,15 @@ class EvalContext:
         return self._steps[loss]
 
     def place(self, batch: dict, loss: str):
-        """A raw batch prepared for `loss`, padded to `batch_size` rows, on the devices (split by
-        `sharding`, each process handing over its rows)."""
-        batch = pad_rows(prepare_batch(batch, loss), self.batch_size)
+        """A raw batch from `batches` prepared for `loss` and padded to `batch_size` rows, on the
+        devices: without a sharding the whole batch on the default device; with one, this
+        process's rows (padded to its share) as its part of the global batch."""
         if self.sharding is None:
-            return jax.device_put(batch)
-        return mesh_lib.global_batch(batch, self.sharding)
+            return jax.device_put(pad_rows(prepare_batch(batch, loss), self.batch_size))
+        rows = self.rows
+        several = jax.process_count() > 1
+        batch = pad_rows(prepare_rows(batch, loss, several), rows.stop - rows.start)
+        return mesh_lib.global_batch(batch, self.sharding, rows=self.batch_size)
 
 
 def default_evals(task) -> dict[str, dict]:
@@ -100,13 +125,6 @@ def build_evaluators(evals, task, model, batch_size: int, sharding) -> Callable[
     return evaluate
 
 
-def _raw_batches(datasets):
-    """Yields `(slice name, batch)` over every batch of every slice, each read once."""
-    for slice_name, batches in datasets.items():
-        for i in range(len(batches)):
-            yield slice_name, batches[i]
-
-
 def accuracies(context: EvalContext, params, datasets, prefix: str, metrics: dict) -> dict:
     """Zoology accuracy of `datasets` (slice name -> batches) against each label array of `metrics`.
 
@@ -117,9 +135,11 @@ def accuracies(context: EvalContext, params, datasets, prefix: str, metrics: dic
     """
     step = context.eval_step("cross_entropy")
     sums = {}  # (slice, label key) -> [sum of per-example accuracies, examples]
-    for slice_name, raw in _raw_batches(datasets):
+    for slice_name, raw in context.batches(datasets):
+        extra = {k: raw[k] for k in (data.MAX_SUPERVISED,) if k in raw}
         for key in metrics:
-            batch = context.place({"inputs": raw["inputs"], "labels": raw[key]}, "cross_entropy")
+            batch = context.place({"inputs": raw["inputs"], "labels": raw[key], **extra},
+                                  "cross_entropy")
             acc_sum, n = step(params, batch)
             total = sums.setdefault((slice_name, key), [0.0, 0])
             total[0] += float(acc_sum)
@@ -179,7 +199,7 @@ def mse(name, options, context):
 
     def evaluate(params):
         sums, counts = {}, {}
-        for slice_name, raw in _raw_batches(context.task.test):
+        for slice_name, raw in context.batches(context.task.test):
             batch_sums, batch_counts = jax.device_get(step(params, context.place(raw, "mse")))
             sums[slice_name] = sums.get(slice_name, 0.0) + np.asarray(batch_sums, np.float64)
             counts[slice_name] = counts.get(slice_name, 0.0) + np.asarray(batch_counts, np.float64)

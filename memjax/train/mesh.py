@@ -16,8 +16,9 @@ devices (in `jax.devices()` order); their product must not exceed the device cou
 
 Several processes (multi-host, `memjax.train.distributed`): `jax.devices()` lists every
 process's devices, process 0's first, so the batch axes split the global batch into one
-contiguous block of rows per process. Every process holds the same global host batch and hands
-JAX only its block (`process_rows`, `global_batch`).
+contiguous block of rows per process (`process_rows`). Each process generates only that block
+(`memjax.tasks.data.with_rows`) and hands it to JAX as its part of the global array
+(`global_batch(block, sharding, rows=B)`); nothing crosses between processes.
 """
 
 import math
@@ -122,15 +123,23 @@ def process_rows(sharding, rows: int) -> slice:
     return slice(start, stop)
 
 
-def global_batch(batch: dict, sharding) -> dict[str, jax.Array]:
-    """A host batch `{name: [B, ...]}` as global arrays split over the batch axes by `sharding`.
+def global_batch(batch: dict, sharding, rows: int | None = None) -> dict[str, jax.Array]:
+    """A host batch as global arrays `{name: [B, ...]}` split over the batch axes by `sharding`.
 
-    Every process passes the same global batch; each hands JAX only the rows its devices hold
-    (`process_rows`), via `jax.make_array_from_process_local_data`, so nothing crosses between
-    processes. With one process this is `jax.device_put(batch, sharding)`.
+    `rows=None`: `batch` holds all B rows (the same on every process); each process hands JAX
+    only the rows its devices hold (`process_rows`). `rows=B`: `batch` holds only this process's
+    block `process_rows(sharding, B)` of a B-row batch (a ValueError if its row count differs).
+    Either way via `jax.make_array_from_process_local_data`, so nothing crosses between
+    processes; with one process and all rows this is `jax.device_put(batch, sharding)`.
     """
-    rows = process_rows(sharding, next(iter(batch.values())).shape[0])
-    return {name: jax.make_array_from_process_local_data(sharding, value[rows], value.shape)
+    held = next(iter(batch.values())).shape[0]
+    block = process_rows(sharding, held if rows is None else rows)
+    if rows is not None and held != block.stop - block.start:
+        raise ValueError(f"process {jax.process_index()} holds rows {block.start}:{block.stop} of "
+                         f"the {rows}-row batch but was given {held} rows")
+    return {name: jax.make_array_from_process_local_data(
+                sharding, value if rows is not None else value[block],
+                value.shape if rows is None else (rows, *value.shape[1:]))
             for name, value in batch.items()}
 
 

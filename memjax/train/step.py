@@ -23,7 +23,9 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from memjax.tasks.data import IGNORE_INDEX  # label of unsupervised positions, for every task
+# Label of unsupervised positions, for every task; the key under which row batches carry their
+# slice's declared most supervised positions (`memjax.tasks.data.with_rows`).
+from memjax.tasks.data import IGNORE_INDEX, MAX_SUPERVISED
 
 
 @flax.struct.dataclass
@@ -34,17 +36,31 @@ class TrainState:
     rng: jax.Array  # PRNG key for stochastic layers; split once per step
 
 
-def supervised_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def supervised_width(most: int, length: int) -> int:
+    """M: the smallest power of two >= `most` supervised positions (at least 1), at most T."""
+    return min(1 << (max(most, 1) - 1).bit_length(), length)
+
+
+def supervised_batch(batch: dict[str, np.ndarray], most: int | None = None) -> dict[str, np.ndarray]:
     """Host-side: keeps, per row, only the positions whose label is not IGNORE_INDEX.
 
     `batch["inputs"]`, `batch["labels"]`: `[B, T]`. Returns inputs plus `positions`, `targets`,
-    `mask` of shape `[B, M]`, where M (a power of two, at most T) covers the row with most
-    supervised positions; the model then computes logits at M positions instead of T.
+    `mask` of shape `[B, M]`, where M = `supervised_width(most, T)` (a power of two, at most T)
+    covers `most` supervised positions per row, by default the count of the row with the most;
+    the model then computes logits at M positions instead of T. A given `most` (the same on every
+    process, whatever its rows: `prepare_rows`) is checked: a row with more supervised positions
+    is a ValueError (it would lose some).
     """
     inputs, labels = np.asarray(batch["inputs"]), np.asarray(batch["labels"])
     supervised = labels != IGNORE_INDEX
-    most = max(int(supervised.sum(axis=1).max()), 1)
-    width = min(1 << (most - 1).bit_length(), labels.shape[1])
+    most_here = int(supervised.sum(axis=1).max()) if len(labels) else 0
+    if most is None:
+        most = most_here
+    elif most_here > most:
+        raise ValueError(f"a row has {most_here} supervised positions (labels other than "
+                         f"IGNORE_INDEX), more than the {most} its slice declares "
+                         "(memjax.tasks.data.Slice.max_supervised)")
+    width = supervised_width(most, labels.shape[1])
     positions = np.argsort(~supervised, axis=1, kind="stable")[:, :width]
     mask = np.take_along_axis(supervised, positions, axis=1)
     targets = np.where(mask, np.take_along_axis(labels, positions, axis=1), 0)
@@ -68,9 +84,28 @@ def regression_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"inputs": inputs, "targets": targets, "mask": mask.astype(np.float32)}
 
 
-def prepare_batch(batch: dict[str, np.ndarray], loss: str) -> dict[str, np.ndarray]:
-    """`supervised_batch` for `"cross_entropy"`, `regression_batch` for `"mse"`."""
-    return regression_batch(batch) if loss == "mse" else supervised_batch(batch)
+def prepare_batch(batch: dict[str, np.ndarray], loss: str,
+                  most: int | None = None) -> dict[str, np.ndarray]:
+    """`supervised_batch` (of `most`) for `"cross_entropy"`, `regression_batch` for `"mse"`."""
+    return regression_batch(batch) if loss == "mse" else supervised_batch(batch, most)
+
+
+def prepare_rows(batch: dict, loss: str, several: bool) -> dict[str, np.ndarray]:
+    """`prepare_batch` of one process's rows of a batch (`memjax.tasks.data.with_rows`), with a
+    supervised width every process picks alike without seeing the others' rows.
+
+    One process (`several` False; its rows are the whole batch): the width of the batch's own
+    most supervised row, as `prepare_batch` picks. Several: covering the `MAX_SUPERVISED` the
+    batch carries (its slice's declared most), else the full length T; the same for every
+    process, and equal to the one-process width when some row of the batch has the declared
+    count (every task in `memjax.tasks` has a fixed count per slice).
+    """
+    batch = dict(batch)
+    declared = batch.pop(MAX_SUPERVISED, None)
+    if loss == "mse" or not several:
+        return prepare_batch(batch, loss)
+    most = int(declared) if declared is not None else np.shape(batch["labels"])[1]
+    return supervised_batch(batch, most)
 
 
 def pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:

@@ -2,23 +2,29 @@
 
     result = train(config, workdir)
 
-Outputs under `workdir`: `config.json`, `metrics.jsonl`, `tensorboard/`, `checkpoints/<step>/`
-and, once training ends, `result.json` (final per-segment test metrics). Starting again with the
+Outputs under `workdir` (a local path or a URI such as `gs://bucket/run`, `memjax.paths`):
+`config.json`, `metrics.jsonl`, `tensorboard/`, `checkpoints/<step>/` and, once training ends,
+`result.json` (final per-segment test metrics). Starting again with the
 same workdir resumes from the latest checkpoint (parameters, optimizer, RNG, data-iterator state
 and partial metric sums), so an interrupted run ends exactly as an uninterrupted one would.
 SIGTERM/SIGINT save a checkpoint at the current step (once) and stop (`Preempted`).
 
 Several processes (multi-host; `memjax.train.distributed.initialize()` first, as
-`scripts/train.py` does): every process runs this same loop on the same global batches. Each
-generates the whole global batch (`task.batch_size` rows, the batches of a one-process run),
-prepares it and hands JAX only its own rows (`memjax.train.mesh.global_batch`): the supervised
-width that `prepare_batch` picks depends on every row, so it must come from the whole batch to
-agree across processes without a per-step exchange. The data iterator therefore has one state,
-the same on every process, and checkpoints resume under any process count. Evaluation runs the
-same full evaluation on every process (global arrays, replicated sums), so metrics equal a
-one-process run's. Checkpoints are saved and restored by every process (Orbax writes each
-array's shards from the processes that hold them, and the JSON extras from process 0). A
-signal reaching any one process stops them all at the same step: the processes agree on their
+`scripts/train.py` does): every process runs this same loop on the same global batches (the
+batches of a one-process run, `task.batch_size` rows). Each generates only its own rows of every
+batch (`memjax.tasks.data.with_rows`: the rows its devices hold, `memjax.train.mesh.process_rows`)
+and hands them to JAX as its part of the global array (`memjax.train.mesh.global_batch`). The
+supervised width M must be the same on every process without a per-step exchange, so with
+several processes it covers the number of supervised positions the batch's slice declares
+(`memjax.tasks.data.Slice.max_supervised`, a fixed count in every task of `memjax.tasks`, so M
+is the one-process M), or is the full length T for a slice that declares none
+(`memjax.train.step.prepare_rows`); one process keeps the width of its batch's most supervised
+row. The data iterator has one state (the batches' order), the same on every process and for
+any rows, and checkpoints resume under any process count. Evaluation runs the same full
+evaluation on every process, each generating its rows of every test batch (global arrays,
+replicated sums), so metrics equal a one-process run's. Checkpoints are saved and restored by
+every process (Orbax writes each array's shards from the processes that hold them, and the JSON
+extras from process 0). A signal reaching any one process stops them all at the same step: the processes agree on their
 stop flags with a tiny all-gather at log, evaluation and checkpoint steps (where the host waits
 for the device anyway), so a signal takes effect within `train.log_every` steps.
 
@@ -49,7 +55,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +65,8 @@ from tqdm import tqdm
 from memjax.config_validation import validate_config
 from memjax.config import to_dict
 from memjax.models import build_model
+from memjax.paths import as_path
+from memjax.tasks import data
 from memjax.tasks.registry import TASKS
 from memjax.train import mesh as mesh_lib
 from memjax.train import sharding as sharding_lib
@@ -68,7 +75,7 @@ from memjax.train.checkpoint import Checkpointer, UnreadableCheckpoint, abstract
 from memjax.train.evaluators import build_evaluators
 from memjax.train.metrics import MetricWriter, NullWriter
 from memjax.train.optim import build_optimizer
-from memjax.train.step import TrainState, make_train_step, prepare_batch
+from memjax.train.step import TrainState, make_train_step, prepare_rows
 
 
 class TrainingDiverged(RuntimeError):
@@ -194,7 +201,7 @@ def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not isinstance(v, (list, tuple))}
 
 
-def _restore(checkpoints, abstract_state, model_config, fallback: bool, workdir: Path):
+def _restore(checkpoints, abstract_state, model_config, fallback: bool, workdir):
     """`(step, state, extras)` of the newest checkpoint, or of the newest readable one.
 
     When the newest is unreadable, the error names the newest readable checkpoint and how to
@@ -261,7 +268,7 @@ def train(config, workdir, hooks=()) -> dict:
     why training stopped, and the evaluation metrics; process 0 also writes it to
     `workdir/result.json`.
     """
-    workdir = Path(workdir).absolute()
+    workdir = as_path(workdir)  # local (made absolute) or gs://... (memjax.paths)
     cfg = config.train
     # Everything that can reject the config happens before anything is written.
     validate_config(config)
@@ -326,7 +333,10 @@ def _train_loop(config, workdir, hooks, task, model, state, checkpoints, evaluat
     cfg = config.train
     model_config = to_dict(config.model)
     replicated = mesh_lib.replicated(mesh)
-    train_iter = iter(task.train)
+    # This process's rows of every batch (module doc); the iterator state is that of the whole
+    # batches, the same on every process.
+    batch_size = config.task.batch_size
+    train_iter = iter(data.with_rows(task.train, mesh_lib.process_rows(batch_sharding, batch_size)))
     running = _RunningMeans()
     if checkpoints.latest_step() is not None:
         restored, state, extras = _restore(checkpoints, abstract_like(state, shardings),
@@ -377,12 +387,13 @@ def _train_loop(config, workdir, hooks, task, model, state, checkpoints, evaluat
     try:
         with _stop_signals() as stop:
             while step < cfg.steps:
-                # The whole global batch, prepared, then this process's rows (module doc).
-                batch = prepare_batch(next(train_iter), task.loss)
+                # This process's rows, prepared, as its part of the global batch (module doc).
+                batch = mesh_lib.global_batch(prepare_rows(next(train_iter), task.loss, several),
+                                              batch_sharding, rows=batch_size)
                 if buffer is None:
                     new_buffer = _buffer_factory(train_step, state, batch, cfg.log_every, replicated)
                     buffer = new_buffer()
-                state, buffer = step_fn(state, buffer, mesh_lib.global_batch(batch, batch_sharding))
+                state, buffer = step_fn(state, buffer, batch)
                 step += 1
                 window_tokens += batch["inputs"].shape[0] * batch["inputs"].shape[1]
                 for hook in hooks:

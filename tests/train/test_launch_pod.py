@@ -87,6 +87,8 @@ def test_dry_run_for_a_v5e_64_slice(capsys):
     script = setup[setup.index("--command") + 1]
     assert remote(setup)[-1] == f"jax[tpu]=={version}"  # pinned as in constraints.txt
     assert "make setup;" in script and script.startswith("set -e;")
+    # A gs:// workdir: gcsfs (epath) and google-cloud-storage (TensorBoard) installed too.
+    assert "make setup; .venv/bin/pip install -q -c constraints.txt -e '.[gcs]';" in script
     assert "--worker=all" in setup and "--worker=all" in train
     words = remote(train)
     assert words[:4] == ["cd", "memjax", "&&", "MEMJAX_DISTRIBUTED=1"]
@@ -122,8 +124,9 @@ def test_mesh_override_replaces_the_default(capsys):
 
 def test_local_workdir_is_warned_about(capsys):
     base = [a if a != "gs://my-bucket/runs/mqar" else "runs/mqar" for a in BASE]
-    _, notes = dry_run(capsys, base=base)
+    commands, notes = dry_run(capsys, base=base)
     assert any(n.startswith("# warning: --workdir runs/mqar is a local path") for n in notes)
+    assert ".[gcs]" not in remote(commands[3])  # no gs:// workdir, no GCS packages
 
 
 @pytest.mark.parametrize("extra, message", [

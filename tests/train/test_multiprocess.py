@@ -17,10 +17,14 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-from memjax.config import load_config
+from memjax.config import load_config, to_dict
+from memjax.models import build_model
+from memjax.tasks import TASKS
+from memjax.train import evaluators
 from memjax.train import mesh as mesh_lib
 from memjax.train import trainer
 from memjax.train.metrics import read_metrics
@@ -88,8 +92,40 @@ def test_one_process_hands_over_the_whole_batch():
         assert placed[name].addressable_shards[1].data.shape == (2, 4)
 
 
+def test_a_process_hands_over_its_block_of_rows():
+    # One process holds every row, so its block is the whole batch: `rows=B` takes the block
+    # as generated (memjax.tasks.data.with_rows) instead of cutting it from the whole batch.
+    sharding = mesh_lib.batch_sharded(mesh_lib.build_mesh({"data": 4}))
+    batch = {"inputs": np.arange(32, dtype=np.int32).reshape(8, 4)}
+    placed = mesh_lib.global_batch(batch, sharding, rows=8)
+    assert placed["inputs"].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(placed["inputs"]), batch["inputs"])
+    with pytest.raises(ValueError, match="holds rows 0:16 of the 16-row batch but was given 8"):
+        mesh_lib.global_batch(batch, sharding, rows=16)
+
+
 def smoke():
     return load_config("configs/mqar.py:smoke", {"train.steps": 10})
+
+
+def test_evaluation_with_the_widths_of_several_processes(monkeypatch):
+    # Several processes size the supervised width from each slice's declared count
+    # (memjax.train.step.prepare_rows); MQAR's is every batch's own, so the metrics (test
+    # accuracy and the probe, a short last batch included: 64 = 24 + 24 + 16) are the same.
+    config = smoke()
+    config.task.eval_batch_size = 24
+    task = TASKS.get(config.task.name)(config.task, config.seed)
+    model = build_model(to_dict(config.model))
+    params = model.init(jax.random.key(0), np.zeros((1, task.sample_length), np.int32))["params"]
+    sharding = mesh_lib.batch_sharded(mesh_lib.build_mesh({"data": 8}))
+
+    def evaluate():
+        return evaluators.build_evaluators(None, task, model, 24, sharding)(params)
+
+    one = evaluate()
+    assert "probe/swapped_accuracy" in one
+    monkeypatch.setattr(evaluators.jax, "process_count", lambda: 2)
+    assert evaluate() == one
 
 
 def test_batch_not_divisible_by_processes(tmp_path, monkeypatch):
