@@ -35,6 +35,7 @@ where they can so that the jit cache is shared.
 
 import dataclasses
 import itertools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -302,6 +303,19 @@ def test_forms_match_oracle_extra_f64(x64, fields, T, V, gamma):
     check_against_oracle(_spec(**fields), T, V, seed=T + V, gamma=gamma)
 
 
+@pytest.mark.parametrize("fields", [
+    pytest.param(dict(memory_chunk=4, window=3, retrieve="before"), id="c3-b4-before"),
+    pytest.param(dict(memory_chunk=1, window=4, loss="huber"), id="c4-b1-huber"),
+])
+def test_muon_on_a_far_from_square_memory_matches_oracle_f64(x64, monkeypatch, fields):
+    """A linear Muon memory of [8 x 32] takes newton_schulz's Gram-space iteration (m >= 8,
+    n >= 3 m), which ATLAS's polynomial-feature memories ([16 x 273]) run; the other cases'
+    K = 4 memories do not reach it."""
+    monkeypatch.setattr(sys.modules[__name__], "K", 32)
+    spec = _spec(architecture="linear", optimizer="muon", **fields)
+    check_against_oracle(spec, 9, 8, seed=17)
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradients: chunk form == reference form
 # ---------------------------------------------------------------------------------------------
@@ -484,7 +498,9 @@ def test_prefill_then_decode_f64(x64, spec, splits):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(4, 4), (3, 5), (6, 2), (2, 3, 5)], ids=str)
+# (8, 24), (2, 16, 60) and (40, 8) are far from square: they take the Gram-space iteration.
+@pytest.mark.parametrize("shape", [(4, 4), (3, 5), (6, 2), (2, 3, 5), (8, 24), (2, 16, 60), (40, 8)],
+                         ids=str)
 def test_newton_schulz_matches_oracle_f64(x64, shape):
     rng = np.random.default_rng(len(shape) * 10 + shape[-1])
     X = rng.normal(size=shape) * 3.0
