@@ -59,11 +59,11 @@ KNOWN_FAILURES: dict[str, str] = {
            "(0.648) as those sharing two (0.632) (scripts/diagnose_mom_routing.py)",
     "retnet": "a prior, not recall: 0.151 after 1500 steps (0.10 at 700), probe 0.129 / 0.134 "
               "(measured 2026-12-04); fixed decays and GLA's output gate, cause not isolated",
-    "titans_mac": "not remeasured since the block's short convolution went in front of MAC "
-                  "(2026-12-04; before: a prior, 0.241 after 1500 steps, probe 0.221 / 0.243, "
-                  "its attention had no local order). After: recall, short of 0.99, on the "
-                  "test_time_memory MQAR mixture (4 pairs 0.556, probe 0.557 / 0.079, after "
-                  "1000 steps); a pass here would show as XPASS",
+    "titans_mac": "recall, flat at 0.68: 0.684 after 1500 steps (0.557 at 300, 0.675 at 700, "
+                  "0.68-0.69 since), probe 0.672 / 0.098 (measured 2026-12-04 after the block's "
+                  "short convolution went in front of MAC; before it, a prior at 0.241). 16-token "
+                  "segments: pairs sit in segment 0, so queries in later segments depend on the "
+                  "memory",
     "s4d": "a time-invariant convolution cannot select by content: 0.258 after 1500 steps, probe "
            "0.264 / 0.264, a prior (docs/results/ssm_recall)",
     "s5": "time-invariant, one shared MIMO state: 0.193 after 1500 steps, probe 0.191 / 0.203 "
