@@ -13,12 +13,13 @@ docs/results/ssm_recall/README.md.
 
 Preset `cpu`: the 9 runs above, plus Mamba and Mamba-2 at d_model 128 (`mamba_d128`,
 `mamba2_d128`; Zoology's grid has 64, 128 and 256), since at d_model 64 neither reached 0.99
-within the 1500 steps (docs/results/ssm_recall/README.md); and two tries at the bar: Mamba-2
-with a 3000-step schedule (`mamba2_3000`) and Mamba with the block's short convolution stacked
-on its own (`mamba_stacked_convs`); then Mamba with the 3000-step schedule that solved it for
-Mamba-2, at learning rates 1e-2 and 3e-3 (`mamba_3000_lr0.01`, `mamba_3000_lr0.003`), and Mamba with 64 states per channel instead of 16 (`mamba_state64`:
-is the 16-dimensional B/C key space what blurs its read-out?). Preset `full`: the same mixers on the `zoology_mqar` ladder to
-(256, 16) at d_model {64, 128}, learning rates {1e-3, 3e-3, 1e-2}, 3000 steps.
+within the 1500 steps (docs/results/ssm_recall/README.md); two tries at the bar: Mamba-2 with a
+3000-step schedule (`mamba2_3000`) and Mamba with the block's short convolution stacked on its
+own (`mamba_stacked_convs`); then three more for Mamba: the 3000-step schedule that solved it for
+Mamba-2, at learning rates 1e-2 and 3e-3 (`mamba_3000_lr0.01`, `mamba_3000_lr0.003`), and 64
+states per channel instead of 16 (`mamba_state64`: is the 16-dimensional B/C key space what
+blurs its read-out?). Preset `full`: the same mixers on the `zoology_mqar` ladder to (256, 16)
+at d_model {64, 128}, learning rates {1e-3, 3e-3, 1e-2}, 3000 steps.
 """
 
 PRESETS = ("cpu", "full")
