@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from decode_helpers import prefill_then_decode
 from memjax.layers import MIXERS, mixer_options
 from memjax.models import build_model
 
@@ -46,14 +47,8 @@ def test_prefill_then_decode_equals_full_forward(mixer_name, overrides):
     params = model.init(jax.random.key(0), tokens)["params"]
     full = model.apply({"params": params}, tokens)
 
-    apply = jax.jit(lambda p, x, c: model.apply({"params": p}, x, cache=c))
-    cache = model.init_cache(2, T)
-    logits, cache = apply(params, tokens[:, :PROMPT], cache)
-    pieces = [logits]
-    for t in range(PROMPT, T):
-        logits, cache = apply(params, tokens[:, t : t + 1], cache)
-        pieces.append(logits)
-    decoded = jnp.concatenate(pieces, axis=1)
+    apply = jax.jit(lambda x, c: model.apply({"params": params}, x, cache=c))
+    decoded, cache = prefill_then_decode(apply, tokens, PROMPT, model.init_cache(2, T))
     np.testing.assert_allclose(np.asarray(decoded), np.asarray(full), rtol=2e-4, atol=2e-4)
     assert int(cache["length"]) == T
 
@@ -69,14 +64,10 @@ def test_hybrid_stack_decodes_and_its_state_size_is_its_cache():
     params = model.init(jax.random.key(0), tokens)["params"]
     assert "short_conv" in params["block_0"] and "short_conv" not in params["block_1"]
     full = model.apply({"params": params}, tokens)
-    cache = model.init_cache(2, T)
-    logits, cache = model.apply({"params": params}, tokens[:, :PROMPT], cache=cache)
-    pieces = [logits]
-    for t in range(PROMPT, T):
-        logits, cache = model.apply({"params": params}, tokens[:, t : t + 1], cache=cache)
-        pieces.append(logits)
-    np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, axis=1)), np.asarray(full),
-                               rtol=2e-4, atol=2e-4)
+    decoded, cache = prefill_then_decode(
+        lambda x, c: model.apply({"params": params}, x, cache=c), tokens, PROMPT,
+        model.init_cache(2, T))
+    np.testing.assert_allclose(np.asarray(decoded), np.asarray(full), rtol=2e-4, atol=2e-4)
     assert [b["mixer"]["k"].shape[1] for b in cache["blocks"][::2]] == [3, 3]
     per_sequence = sum(leaf.nbytes // (2 if leaf.ndim else 1) for leaf in jax.tree.leaves(cache))
     assert model.state_size(T) == per_sequence

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from decode_helpers import prefill_then_decode
 from memjax.models import build_model
 
 VOCAB, D, T, PROMPT, B = 32, 16, 21, 17, 2
@@ -60,12 +61,7 @@ def test_prefill_then_decode_equals_full_forward_for_float_inputs(mixer):
     x = float_inputs()
     params = m.init(jax.random.key(0), x)["params"]
     full = m.apply({"params": params}, x)
-    apply = jax.jit(lambda p, inputs, c: m.apply({"params": p}, inputs, cache=c))
-    out, cache = apply(params, x[:, :PROMPT], m.init_cache(B, T))
-    pieces = [out]
-    for t in range(PROMPT, T):
-        out, cache = apply(params, x[:, t : t + 1], cache)
-        pieces.append(out)
-    np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, axis=1)), np.asarray(full),
-                               rtol=2e-4, atol=2e-4)
+    apply = jax.jit(lambda inputs, c: m.apply({"params": params}, inputs, cache=c))
+    decoded, cache = prefill_then_decode(apply, x, PROMPT, m.init_cache(B, T))
+    np.testing.assert_allclose(np.asarray(decoded), np.asarray(full), rtol=2e-4, atol=2e-4)
     assert int(cache["length"]) == T

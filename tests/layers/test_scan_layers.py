@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from decode_helpers import prefill_then_decode
 from memjax.config import lm_config, to_dict
 from memjax.models import build_model
 from memjax.models.lm import (REMAT_POLICIES, stack_layers, stack_params, unstack_layers,
@@ -138,16 +139,11 @@ def test_scanned_prefill_then_decode_equals_full_forward(case):
     x = tokens()
     params = stack_params(loop.init(jax.random.key(0), x)["params"], scanned.scan_period())
     full = scanned.apply({"params": params}, x)
-    apply = jax.jit(lambda p, t, c: scanned.apply({"params": p}, t, cache=c))
+    apply = jax.jit(lambda t, c: scanned.apply({"params": params}, t, cache=c))
     cache = scanned.init_cache(2, T)
     assert len(cache["blocks"]) == scanned.scan_period()
-    logits, cache = apply(params, x[:, :PROMPT], cache)
-    pieces = [logits]
-    for t in range(PROMPT, T):
-        logits, cache = apply(params, x[:, t : t + 1], cache)
-        pieces.append(logits)
-    np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, axis=1)), np.asarray(full),
-                               rtol=2e-4, atol=2e-4)
+    decoded, cache = prefill_then_decode(apply, x, PROMPT, cache)
+    np.testing.assert_allclose(np.asarray(decoded), np.asarray(full), rtol=2e-4, atol=2e-4)
     assert int(cache["length"]) == T
     assert scanned.state_size(T) == loop.state_size(T)
     # The stacked cache is the loop's one, stacked: it continues decoding in the loop model.
