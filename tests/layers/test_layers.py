@@ -10,9 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from memjax.layers import MIXERS, ShortConv, build_mixer, mixer_options
+from memjax.layers.registry import has_own_short_conv
 from memjax.layers.attention import Attention
+from memjax.layers.bmojo import EideticAttention
 from memjax.layers.cache import cache_bytes
 from memjax.layers.linear_attention import LinearAttention
 from memjax.models.lm import LanguageModel
@@ -209,6 +212,48 @@ def test_lm_state_size(kwargs, seq_len, expected):
 
 def test_registered_mixers():
     assert {"attention", "linear_attention"} <= set(MIXERS.names())
+
+
+def attention_reads_input_unconvolved(name: str) -> bool:
+    """Does mixer `name` (default options) hand its input x, unchanged, to a softmax attention?
+
+    Traced with jax.eval_shape: every module call is intercepted (the mixer's own included, so
+    `attention` itself counts), and a softmax-attention call whose first argument is x itself
+    (the same tracer) is one.
+    """
+    mixer = build_mixer(D, {"name": name})
+    x_seen, found = [], []
+
+    def watch(next_fun, args, kwargs, context):
+        module = context.module
+        if (context.method_name == "__call__" and args
+                and isinstance(module, (Attention, EideticAttention)) and args[0] is x_seen[0]):
+            found.append(type(module).__name__)
+        return next_fun(*args, **kwargs)
+
+    def init(x):
+        x_seen.append(x)
+        with nn.intercept_methods(watch):
+            return mixer.init(jax.random.key(0), x)
+
+    jax.eval_shape(init, jax.ShapeDtypeStruct((1, 8, D), jnp.float32))
+    return bool(found)
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS.names()))
+def test_block_convolves_in_front_of_attention_branches(name):
+    """A mixer whose softmax attention reads x unconvolved must get the block's short
+    convolution (`own_short_conv` False): attention without a position embedding has no local
+    order otherwise, so it cannot form an induction head. Two hybrids missed this (issue 15:
+    MQAR recall 0.99 beyond their window, 0.1-0.4 inside it); MAC and MAG before them."""
+    if attention_reads_input_unconvolved(name):
+        assert not has_own_short_conv(name), f"{name}: set own_short_conv = False"
+
+
+def test_attention_branch_detector_sees_the_known_branches():
+    assert {n for n in ("attention", "hippocampus", "bmojo", "titans_mag", "lmm", "deltanet")
+            if attention_reads_input_unconvolved(n)} == {"attention", "hippocampus", "bmojo",
+                                                         "titans_mag"}
 
 
 def test_mixer_options_list_exactly_the_configurable_fields():
