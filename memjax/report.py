@@ -16,6 +16,10 @@ Plots:
   test length, one line per run, slices of the same length averaged (e.g. over needle depths);
   final-position slices `T<n>_last` only, when a run has them.
 
+`write_report(..., earlier=path)` keeps the rows of an earlier `report.csv` whose runs are not in
+the sweep directory (runs made in another session, whose directories are gone), so a study
+finished in parts still gets one report.
+
 The sweep directory and the output directory may be remote (`gs://bucket/sweep`,
 `memjax.paths`).
 """
@@ -30,6 +34,8 @@ from memjax.paths import as_path
 # Mixer options that choose an implementation, not a model; left out of the mixer label.
 _IMPLEMENTATION_OPTIONS = {"impl", "chunk_size"}
 _LENGTH = re.compile(r"^T(\d+)")
+# Columns of a row that hold whole numbers (the rest are text or float metrics).
+_INT_COLUMNS = {"d_model", "params", "state_bytes", "steps", "wall_s"}
 
 
 def mixer_label(mixer: dict) -> str:
@@ -107,6 +113,31 @@ def collect(sweep_dir) -> list[dict]:
     return rows
 
 
+def read_csv(path) -> list[dict]:
+    """The rows of a `report.csv` (`write_csv`), with numbers as numbers: an empty cell is a
+    metric the run does not have (left out of its row), or an unknown wall time (None)."""
+    rows = []
+    for record in csv.DictReader(io.StringIO(as_path(path).read_text(), newline="")):
+        row = {}
+        for key, text in record.items():
+            if text == "":
+                if key == "wall_s":
+                    row[key] = None
+                continue
+            if key in _INT_COLUMNS:
+                row[key] = int(text)
+            else:
+                try:
+                    row[key] = float(text)
+                except ValueError:
+                    row[key] = text
+        for key in ("accuracy", *PROBE_COLUMNS.values()):  # after the slices, as `collect`
+            if key in row:
+                row[key] = row.pop(key)
+        rows.append(row)
+    return rows
+
+
 def accuracy_slices(rows: list[dict]) -> list[str]:
     """Names of the per-slice accuracy columns, in the order of the first row that has them."""
     fixed = {"run", "mixer", "d_model", "lr", "params", "state_bytes", "steps", "stopped",
@@ -179,7 +210,8 @@ def plot_accuracy_vs_state(rows: list[dict], path):
     plt = _pyplot()
     slices = accuracy_slices(rows) or ["accuracy"]
     mixers = sorted({r["mixer"] for r in rows})
-    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(mixers)}
+    palette = plt.get_cmap("tab10" if len(mixers) <= 10 else "tab20")
+    colours = {m: palette(i % palette.N) for i, m in enumerate(mixers)}
     cols = min(len(slices), 4)
     nrows = -(-len(slices) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.3 * nrows), squeeze=False)
@@ -202,7 +234,12 @@ def plot_accuracy_vs_state(rows: list[dict], path):
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(slices):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend = {}  # label -> handle, from every panel: a study mixing tasks has no panel with all
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    labels = sorted(legend, key=lambda label: label == "Pareto frontier")
+    handles = [legend[label] for label in labels]
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize="small",
                bbox_to_anchor=(0.5, 0.0))
     fig.tight_layout(rect=(0, 0.1 if nrows == 1 else 0.06, 1, 1))
@@ -259,13 +296,18 @@ def _save(fig, path):
     as_path(path).write_bytes(buffer.getvalue())
 
 
-def write_report(sweep_dir, out_dir=None) -> list[dict]:
+def write_report(sweep_dir, out_dir=None, earlier=None) -> list[dict]:
     """Writes `report.md` (best learning rate per (mixer, d_model), then every run),
     `report.csv` (every run) and the plots into `out_dir` (default: the sweep directory);
-    returns the rows of every run."""
+    returns the rows of every run. `earlier`: a `report.csv` whose rows are kept for the runs
+    the sweep directory does not hold (a run in both is taken from the sweep directory)."""
     out_dir = as_path(out_dir or sweep_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = collect(sweep_dir)
+    if earlier is not None:
+        fresh = {row["run"] for row in rows}
+        rows = sorted(rows + [row for row in read_csv(earlier) if row["run"] not in fresh],
+                      key=lambda row: row["run"])
     best = best_per_point(rows)
     text = "## Best learning rate per (mixer, d_model)\n\n" + markdown_table(best)
     text += "\n## Every run\n\n" + markdown_table(rows)

@@ -6,7 +6,7 @@ import pytest
 
 from memjax.report import (accuracy_by_length, accuracy_slices, best_per_point, collect,
                            markdown_table, mixer_label, pareto_front, plot_accuracy_vs_length,
-                           plot_accuracy_vs_state)
+                           plot_accuracy_vs_state, read_csv, write_csv, write_report)
 
 
 def test_pareto_front_keeps_runs_not_beaten_by_a_smaller_state():
@@ -81,3 +81,29 @@ def test_probe_columns_follow_accuracy_and_old_results_still_render(tmp_path):
     assert "| accuracy | probe_swapped | probe_original |" in table
     assert "| 0.9000 | 0.9000 | 0.2000 | 0.8500 |" in table
     assert "| 0.5000 | 0.5000 | None | None |" in table
+
+
+def test_csv_rows_read_back_as_written(tmp_path):
+    rows = [{"run": "a", "mixer": "mom(num_memories=2)", "d_model": 128, "lr": 0.01,
+             "params": 272016, "state_bytes": 146436, "steps": 1000, "stopped": "steps",
+             "wall_s": None, "T64_K4": 0.99775, "accuracy": 0.9821041666666667},
+            {"run": "b", "mixer": "gated_deltanet", "d_model": 64, "lr": 0.003, "params": 1,
+             "state_bytes": 8, "steps": 450, "stopped": "target_accuracy", "wall_s": 112,
+             "T64_d0": 1.0, "accuracy": 0.5}]
+    write_csv(rows, tmp_path / "report.csv")
+    assert read_csv(tmp_path / "report.csv") == rows  # b has no T64_K4, a no T64_d0
+
+
+def test_report_keeps_earlier_rows_of_runs_not_in_the_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    _write_run(sweep / "kept_fresh", {"test/accuracy": 0.9})
+    earlier = [{"run": "gone", "mixer": "gla", "d_model": 64, "lr": 0.01, "params": 3,
+                "state_bytes": 5, "steps": 7, "stopped": "steps", "wall_s": 11, "accuracy": 0.25},
+               {"run": "kept_fresh", "mixer": "stale", "d_model": 64, "lr": 0.01, "params": 3,
+                "state_bytes": 5, "steps": 7, "stopped": "steps", "wall_s": 11, "accuracy": 0.1}]
+    write_csv(earlier, tmp_path / "earlier.csv")
+    rows = write_report(sweep, tmp_path / "out", earlier=tmp_path / "earlier.csv")
+    assert [(r["run"], r["mixer"], r["accuracy"]) for r in rows] == [
+        ("gone", "gla", 0.25), ("kept_fresh", "attention", 0.9)]
+    assert [r["run"] for r in read_csv(tmp_path / "out" / "report.csv")] == ["gone", "kept_fresh"]
