@@ -18,7 +18,7 @@ within the 1500 steps (docs/results/ssm_recall/README.md); two tries at the bar:
 own (`mamba_stacked_convs`); then three more for Mamba: the 3000-step schedule that solved it for
 Mamba-2, at learning rates 1e-2 and 3e-3 (`mamba_3000_lr0.01`, `mamba_3000_lr0.003`), and 64
 states per channel instead of 16 (`mamba_state64`: is the 16-dimensional B/C key space what
-blurs its read-out?). Preset `full`: the same mixers on the `zoology_mqar` ladder to (256, 16)
+blurs its read-out?); and the top of Zoology's learning-rate grid, 10^-1.5 (`mamba_lr0.0316`). Preset `full`: the same mixers on the `zoology_mqar` ladder to (256, 16)
 at d_model {64, 128}, learning rates {1e-3, 3e-3, 1e-2}, 3000 steps.
 """
 
@@ -45,7 +45,9 @@ def runs(preset: str) -> list[dict]:
                     "overrides": T64_RECIPE | {"train.steps": 3000, "train.lr": lr}}
                    for lr in (1e-2, 3e-3)]
                 + [{"name": "mamba_state64", "config": "configs/mqar.py:model=mamba,d_model=64",
-                    "overrides": T64_RECIPE | {"model.mixer.state_dim": 64}}])
+                    "overrides": T64_RECIPE | {"model.mixer.state_dim": 64}},
+                   {"name": "mamba_lr0.0316", "config": "configs/mqar.py:model=mamba,d_model=64",
+                    "overrides": T64_RECIPE | {"train.lr": 10**-1.5}}])
     if preset == "full":
         return [{"name": f"{mixer}_d{d}_lr{lr:g}",
                  "config": f"configs/mqar.py:model={mixer},d_model={d},T=256,pairs=16,mixture=ladder",
