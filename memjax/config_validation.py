@@ -45,7 +45,6 @@ def real_range(low: float, high: float, *, low_open: bool = False, high_open: bo
     return Rule(ok, f"a finite number in {bounds}" + (f" ({note})" if note else ""))
 
 
-POSITIVE = int_range(1)
 NON_NEGATIVE = int_range(0)
 
 # Mixer options by name (every numeric option of every registered mixer has a rule: a test

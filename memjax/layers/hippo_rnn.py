@@ -9,8 +9,6 @@ from memjax import hippo
 from memjax.layers import initializers
 from memjax.layers.registry import MIXERS
 
-POSITION_BYTES = 4  # the int32 position counter LegS's time-varying step needs
-
 
 def check_memory_options(measure: str, method: str, legs_step: str, theta: float) -> None:
     """Clear errors for bad options (also reached from the layer at trace time)."""

@@ -2,7 +2,6 @@
 diagnostics, and that a cache started from `init_cache` begins at the learned memory weights."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from memjax.layers import build_mixer

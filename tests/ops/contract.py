@@ -187,10 +187,6 @@ def assert_gradients_match_reference(spec, form, args, h0, tol, **options):
         assert_close(got[name], np.asarray(want[name]), tol, f"{spec.id} d{name} ({form})")
 
 
-def _other_forms(spec):
-    return [f for f in spec.forms if f != "reference"]
-
-
 # ---------------------------------------------------------------------------------------------
 # Generic tests (parametrised by test_contract.py over ``spec`` and, where named, ``form``)
 # ---------------------------------------------------------------------------------------------

@@ -60,15 +60,6 @@ def activation(name, x):
     raise ValueError(f"unknown activation {name!r}")
 
 
-def leaf_names(spec):
-    """The weight leaves of one head, in the order they are applied."""
-    if spec.architecture == "linear":
-        return ["w"]
-    if spec.architecture == "gated_mlp":
-        return ["gate", "up", "down"]
-    return [f"w{l}" for l in range(spec.depth)]
-
-
 def memory_apply(spec, W, x):
     """M_W(x) for one head: W a dict of [out, in] matrices, x [K]; returns [V]."""
     if spec.architecture == "linear":

@@ -11,7 +11,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from memjax.ops import MemorySpec, init_memory_params, neural_memory
