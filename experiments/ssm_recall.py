@@ -18,8 +18,9 @@ within the 1500 steps (docs/results/ssm_recall/README.md); two tries at the bar:
 own (`mamba_stacked_convs`); then three more for Mamba: the 3000-step schedule that solved it for
 Mamba-2, at learning rates 1e-2 and 3e-3 (`mamba_3000_lr0.01`, `mamba_3000_lr0.003`), and 64
 states per channel instead of 16 (`mamba_state64`: is the 16-dimensional B/C key space what
-blurs its read-out?); and the top of Zoology's learning-rate grid, 10^-1.5 (`mamba_lr0.0316`). Preset `full`: the same mixers on the `zoology_mqar` ladder to (256, 16)
-at d_model {64, 128}, learning rates {1e-3, 3e-3, 1e-2}, 3000 steps.
+blurs its read-out?); and the top of Zoology's learning-rate grid, 10^-1.5 (`mamba_lr0.0316`).
+Preset `full`: the same mixers on the `zoology_mqar` ladder to (256, 16) at d_model {64, 128},
+learning rates {1e-3, 3e-3, 1e-2}, 3000 steps.
 """
 
 PRESETS = ("cpu", "full")
