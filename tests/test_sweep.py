@@ -63,9 +63,7 @@ def test_only_selects_and_orders_runs(tmp_path, capsys):
 
 KILLABLE_STUDY = '''
 def runs(preset):
-    # 300 steps: "second" must still be running when the test's SIGTERM follows its step-20
-    # checkpoint (the poll takes under a second; 280 steps of this model take several).
-    overrides = {"train.steps": 300, "train.warmup_steps": 1, "train.eval_every": 300,
+    overrides = {"train.steps": 1000, "train.warmup_steps": 1, "train.eval_every": 1000,
                  "train.checkpoint_every": 20, "train.log_every": 20}
     return [{"name": name, "config": "configs/mqar.py:smoke", "overrides": overrides}
             for name in ("first", "second")]
@@ -95,7 +93,7 @@ def test_killed_sweep_resumes_only_missing_runs(tmp_path):
                 for name in ("first", "second")}
     assert launches == {"first": 1, "second": 2}
     assert "resumed from" in (sweep_dir / "second" / "log.txt").read_text()
-    assert json.loads((sweep_dir / "second" / "result.json").read_text())["step"] == 300
+    assert json.loads((sweep_dir / "second" / "result.json").read_text())["step"] == 1000
 
 
 # Only sweep studies (a runs() grid); standalone scripts such as experiments/hippo_approx.py are skipped.
