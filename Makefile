@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RUNDIR ?= runs/mqar_main
 
-.PHONY: setup constraints run test test-slow test-multiprocess test-kernels test-all bench clean
+.PHONY: setup constraints run test test-integration test-slow test-multiprocess test-kernels test-all bench clean
 
 # Installs the exact versions pinned in constraints.txt (pip included), so tests and committed
 # results are reproduced with the packages they were produced with.
@@ -30,9 +30,15 @@ run: $(STAMP)
 	$(PY) scripts/train.py --config configs/mqar.py:model=deltanet,vocab=256 --workdir $(RUNDIR) \
 		--config.model.stack_short_convs=True
 
-# Fast suite (< 20 min on 2 CPU cores). Slow checks are marked `slow` and run by test-slow.
+# The unit suite: operators against their float64 oracles, layers, models, configs. Tests that
+# run a whole program end to end (the trainer, task smoke trainings, sweeps, benchmarks) are
+# marked `integration` and run by test-integration; the slow learning tests by test-slow.
+# .ci/run runs test, test-integration and test-multiprocess.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -m "not slow" --durations=25 tests
+	$(PY) -m pytest -n 2 -m "not slow and not integration" --durations=25 tests
+
+test-integration: $(STAMP)
+	$(PY) -m pytest -n 2 -m "integration and not slow" --durations=10 tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 -m slow tests

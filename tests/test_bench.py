@@ -13,6 +13,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.integration
 def test_bench_writes_json(tmp_path):
     bench = load_bench()
     out = tmp_path / "bench.json"
@@ -28,6 +29,7 @@ def test_bench_writes_json(tmp_path):
         assert r["matmul_ratio"] == pytest.approx(r["gflops"] / report["matmul"]["gflops"])
 
 
+@pytest.mark.integration
 def test_bench_skips_forms_over_the_memory_limit(tmp_path):
     bench = load_bench()
     out = tmp_path / "bench.json"
@@ -43,6 +45,7 @@ def test_bench_rejects_unknown_ops():
         load_bench().parse_args(["--ops", "nope"])
 
 
+@pytest.mark.integration
 def test_bench_runs_every_form_of_the_state_space_scans(tmp_path):
     bench = load_bench()
     out = tmp_path / "bench.json"
@@ -64,6 +67,7 @@ def test_bench_impls_filter_keeps_only_forms_an_op_has():
     assert bench._forms(bench.CASES["s5"], "chunk,pallas") == ("chunk",)
 
 
+@pytest.mark.integration
 def test_bench_models_times_a_train_step_beside_attention(tmp_path):
     # One layer and the two mixers quickest to compile: the cost is XLA compiling three steps.
     bench = load_bench()

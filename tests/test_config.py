@@ -69,17 +69,23 @@ def test_command_line_rejects_bad_overrides(tmp_path, override, expected):
     assert not (tmp_path / "run").exists()
 
 
-def test_hybrid_pattern_sets_per_layer_mixers(tmp_path):
+def test_hybrid_pattern_sets_per_layer_mixers():
     config = load_config("configs/mqar.py:model=swa+gated_deltanet,smoke",
-                         {"model.mixers.swa.window": 8, "train.steps": 2,
-                          "train.warmup_steps": 1})
+                         {"model.mixers.swa.window": 8})
     assert config.model.mixer is None and config.model.layers == "swa+gated_deltanet"
     assert (config.model.mixers.swa.name, config.model.mixers.gated_deltanet.name) == (
         "attention", "gated_deltanet")
     with pytest.raises(AttributeError, match="windw"):
         load_config("configs/mqar.py:model=swa+gated_deltanet", {"model.mixers.swa.windw": 8})
+
+
+@pytest.mark.integration
+def test_hybrid_pattern_trains_and_saves_its_layers(tmp_path):
     from memjax.train.trainer import train
 
+    config = load_config("configs/mqar.py:model=swa+gated_deltanet,smoke",
+                         {"model.mixers.swa.window": 8, "train.steps": 2,
+                          "train.warmup_steps": 1})
     config.train.eval_every = config.train.checkpoint_every = 2
     result = train(config, str(tmp_path / "run"))
     assert result["step"] == 2 and 0 <= result["test/accuracy"] <= 1

@@ -23,6 +23,7 @@ def runs(preset):
 '''
 
 
+@pytest.mark.integration
 def test_sweep_runs_missing_runs_then_reports(tmp_path, capsys):
     study = tmp_path / "study.py"
     study.write_text(STUDY)
@@ -70,6 +71,7 @@ def runs(preset):
 '''
 
 
+@pytest.mark.integration
 def test_killed_sweep_resumes_only_missing_runs(tmp_path):
     """SIGTERM mid-run: the running run checkpoints, the restart finishes only what is missing."""
     study, sweep_dir = tmp_path / "study.py", tmp_path / "sweep"

@@ -114,6 +114,7 @@ def test_builder_errors_name_the_entry():
         TASKS.get("copy")(cfg, 0)
 
 
+@pytest.mark.integration
 def test_smoke_training(tmp_path):
     result = assert_smoke_training("configs/copying.py:smoke", tmp_path)
     assert {"test/T16_L4/accuracy", "test/T24_L6/accuracy"} <= set(result)

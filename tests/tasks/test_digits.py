@@ -225,6 +225,7 @@ def _test_seed():
     return slice_seeds(0, 1, "test")[0]
 
 
+@pytest.mark.integration
 def test_smoke_training_run(tmp_path):
     from memjax.train.trainer import train
 

@@ -90,6 +90,7 @@ def test_builder_errors_name_the_entry():
         TASKS.get("induction")(cfg, 0)
 
 
+@pytest.mark.integration
 def test_smoke_training(tmp_path):
     result = assert_smoke_training("configs/induction.py:smoke", tmp_path)
     assert {"test/T16/accuracy", "test/T32/accuracy"} <= set(result)

@@ -217,6 +217,7 @@ def test_config_variant_argument():
         load_config("configs/mqar_variants.py:variant=forget")
 
 
+@pytest.mark.integration
 def test_smoke_training(tmp_path):
     result = assert_smoke_training("configs/mqar_variants.py:smoke", tmp_path)  # overwrite
     assert {"test/T24_K2_U1/accuracy", "test/T32_K2_U3/accuracy"} <= set(result)

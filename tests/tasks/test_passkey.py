@@ -154,6 +154,7 @@ def test_config_tests_longer_lengths_and_several_depths():
     assert len(task.test) == len(lengths) * len(depths)
 
 
+@pytest.mark.integration
 def test_smoke_training(tmp_path):
     result = assert_smoke_training("configs/passkey.py:smoke", tmp_path)
     assert {"test/T16_d0/accuracy", "test/T32_d0.5/accuracy", "test/T32_d1/accuracy"} <= set(result)

@@ -126,6 +126,7 @@ def test_bad_settings_fail_with_a_clear_error(overrides, message):
         TASKS.get("drifting_regression")(task_config(**overrides), seed=0)
 
 
+@pytest.mark.integration
 def test_smoke_training_reduces_the_loss_and_reports_curves(tmp_path):
     from memjax.train.metrics import read_metrics
     from memjax.train.trainer import train

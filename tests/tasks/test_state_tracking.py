@@ -280,6 +280,7 @@ def test_config_arguments():
         load_config("configs/state_tracking.py:test_lens=a/b")
 
 
+@pytest.mark.integration
 def test_smoke_training_reports_every_test_slice(tmp_path):
     from memjax.train.trainer import train
 

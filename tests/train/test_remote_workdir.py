@@ -102,6 +102,7 @@ def test_tensorboard_needs_a_writer_for_the_scheme(tmp_path, capsys, monkeypatch
     assert list((tmp_path / "tb").iterdir())  # a local directory still gets its event file
 
 
+@pytest.mark.integration
 def test_training_in_a_gs_workdir_then_reporting_it(gcs, tmp_path, capsys, monkeypatch):
     # Checkpoint arrays would go through TensorStore to the real GCS: a local directory here.
     local = tmp_path / "checkpoints"

@@ -22,6 +22,9 @@ from memjax.train.checkpoint import CheckpointError, Checkpointer
 from memjax.train.metrics import read_metrics
 from memjax.train.trainer import Preempted, TrainingDiverged, train
 
+# Every test here runs the trainer end to end (make test-integration).
+pytestmark = pytest.mark.integration
+
 # Checkpoints every 7 steps and logs every 5, so a resume lands inside a logging window.
 SMOKE = {"train.steps": 20, "train.checkpoint_every": 7, "train.log_every": 5,
          "train.eval_every": 10, "train.keep_checkpoints": 2}
