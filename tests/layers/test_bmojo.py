@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from numpy_bmojo import ORACLES, eidetic_sets, fading_memory_np
-from test_mixer_oracles import (BATCH, D, QUICK_COMPILE, T, f32_values, perturbed_params,
-                                quick_jit, rel_err)
+from test_mixer_oracles import BATCH, D, T, f32_values, perturbed_params, rel_err
 
 import memjax.layers.bmojo as bmojo
 from memjax.layers import build_mixer
@@ -33,7 +32,7 @@ def oracle_case(memory, window=4, eidetic=2, seed=0):
 def float64_apply(layer, params, x, mutable=False):
     with jax.enable_x64(True):
         fn = lambda p, x: layer.apply({"params": p}, x, mutable=mutable)  # noqa: E731
-        out = quick_jit(fn)(jax.tree_util.tree_map(jnp.asarray, params), jnp.asarray(x))
+        out = jax.jit(fn)(jax.tree_util.tree_map(jnp.asarray, params), jnp.asarray(x))
         return jax.tree_util.tree_map(np.asarray, out)
 
 
@@ -167,22 +166,8 @@ def test_a_surprising_token_is_attended_by_the_layer():
     np.testing.assert_array_equal(apply(others), y)
 
 
-def compiled_per_shape(fn):
-    """`fn` jitted and compiled once per argument shapes, with test_mixer_oracles's cheap
-    compiler options (most of these tests' time is compiling one program per call length)."""
-    jitted, compiled = jax.jit(fn), {}
-
-    def call(*args):
-        key = str(jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), args))
-        if key not in compiled:
-            compiled[key] = jitted.lower(*args).compile(compiler_options=QUICK_COMPILE)
-        return compiled[key](*args)
-
-    return call
-
-
 def layer_in_pieces(layer, params, x, calls, max_len):
-    apply = compiled_per_shape(lambda p, x, c: layer.apply({"params": p}, x, c))
+    apply = jax.jit(lambda p, x, c: layer.apply({"params": p}, x, c))  # compiles per call length
     cache, pieces, start = layer.init_cache(x.shape[0], max_len), [], 0
     for length in calls:
         y, cache = apply(params, x[:, start:start + length], cache)
@@ -206,7 +191,7 @@ def test_layer_decodes_any_split(memory, splits):
     layer = build_mixer(D, {"name": "bmojo", "num_heads": 2, "window": 4, "eidetic": 2,
                             "memory": memory, "chunk_size": 4})
     x = jax.random.normal(jax.random.key(0), (BATCH, 20, D))
-    params = quick_jit(layer.init)(jax.random.key(1), x)["params"]
+    params = jax.jit(layer.init)(jax.random.key(1), x)["params"]
     params = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(
         jax.random.key(2), a.shape), params)
     full, state = layer.apply({"params": params}, x, mutable=["intermediates"])

@@ -112,15 +112,15 @@ CASES = [
     # tokens inside chunks; capacity 1.0 drops about a tenth of the assignments. The gradient
     # error is the float32 norm of l2_normalize (by design): with float64 gates it stays at
     # 3e-6, and top-3 of 3 memories or M = 1 gives 8e-8.
-    ("mom", dict(num_heads=2, num_memories=3, top_k=2, shared_memory=True, capacity=0.0,
+    ("mom", dict(num_heads=2, num_memories=3, top_k=2, renormalize=True, shared_memory=True, capacity=0.0,
                  memory="gated_deltanet", chunk_size=4), (5e-7, 5e-5, 5e-2)),  # 4.9e-8 4.7e-6 1.3e-2
-    ("mom", dict(num_heads=2, num_memories=3, top_k=2, shared_memory=False, capacity=1.0,
+    ("mom", dict(num_heads=2, num_memories=3, top_k=2, renormalize=True, shared_memory=False, capacity=1.0,
                  memory="gated_deltanet", chunk_size=4), (1e-6,)),
-    ("mom", dict(num_heads=2, num_memories=4, top_k=1, shared_memory=False, capacity=0.0,
-                 memory="deltanet", chunk_size=4), (1e-6,)),
-    ("mom", dict(num_heads=2, num_memories=2, top_k=1, shared_memory=True, capacity=0.0,
+    ("mom", dict(num_heads=2, num_memories=4, top_k=1, renormalize=False, shared_memory=False,
+                 capacity=0.0, memory="deltanet", chunk_size=4), (1e-6,)),
+    ("mom", dict(num_heads=2, num_memories=2, top_k=1, renormalize=True, shared_memory=True, capacity=0.0,
                  memory="linear_attention", chunk_size=4), (1e-6,)),
-    ("mom", dict(num_heads=2, num_memories=3, top_k=2, shared_memory=False, capacity=1.5,
+    ("mom", dict(num_heads=2, num_memories=3, top_k=2, renormalize=True, shared_memory=False, capacity=1.5,
                  memory="gla", chunk_size=4), (1e-6,)),
     # Segments of 5 over T = 12 (the last partial): the third reads a memory the delta update
     # changed. Infini-attention computes in float64 throughout.
@@ -162,22 +162,11 @@ def oracle_for(kind, options):
     return lambda p, x: fn(p, x, **{n: options[n] for n in wanted if n in options})
 
 
-# XLA's LLVM optimisations take most of the compile time of these tiny programs and buy nothing
-# at this size: compiling without them makes the file about 3x faster (HLO passes, which decide
-# precision, still run).
-QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def quick_jit(fn):
-    """`jax.jit(fn)` compiled with QUICK_COMPILE, for one call."""
-    return lambda *args: jax.jit(fn).lower(*args).compile(compiler_options=QUICK_COMPILE)(*args)
-
-
 def perturbed_params(layer, seed=0, scale=0.3):
     """`layer.init` parameters plus N(0, scale^2) noise on every entry, rounded to float32 values,
     as float64 NumPy (so a float32 copy holds exactly what the oracle sees)."""
     x = jnp.zeros((BATCH, T, D), jnp.float32)
-    params = to_np(quick_jit(layer.init)(jax.random.key(seed), x)["params"])
+    params = to_np(jax.jit(layer.init)(jax.random.key(seed), x)["params"])
     rng = np.random.default_rng(seed + 100)
     return jax.tree_util.tree_map(lambda a: f32_values(a + scale * rng.normal(size=a.shape)), params)
 
@@ -223,7 +212,7 @@ class Case:
     def layer_output(self):
         """The layer's output in float64, as NumPy."""
         with jax.enable_x64(True):
-            return np.asarray(quick_jit(self._forward)(self._device_params(), jnp.asarray(self.x)))
+            return np.asarray(jax.jit(self._forward)(self._device_params(), jnp.asarray(self.x)))
 
     def layer_output_and_grads(self):
         """`(y, (grad_params, grad_x))` of the layer in float64 (one compilation for both)."""
@@ -232,7 +221,7 @@ class Case:
             return jnp.sum(jnp.asarray(self.weights) * y), y
 
         with jax.enable_x64(True):
-            (_, y), grads = quick_jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+            (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
                 self._device_params(), jnp.asarray(self.x))
             return np.asarray(y), jax.tree_util.tree_map(np.asarray, grads)
 
@@ -248,7 +237,7 @@ class Case:
         dtype = jnp.float32 if self.kind in ("s4d", "s5") else jnp.bfloat16  # no bf16 complex
         params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), self.params)
         x = jnp.asarray(self.x, jnp.bfloat16)
-        got = quick_jit(lambda p, x: self.layer.apply({"params": p}, x))(params, x)
+        got = jax.jit(lambda p, x: self.layer.apply({"params": p}, x))(params, x)
         assert got.dtype == jnp.bfloat16
         return got, self.oracle(to_np(params), np.asarray(x, np.float64))
 
