@@ -1,11 +1,12 @@
 """Mixtures of memories and memory hybrids: do more memories help at fixed total state, and does
 each hybrid beat its two halves?
 
-    python scripts/sweep.py experiments/memory_mixtures.py --preset cpu --parallel 2
+    python scripts/sweep.py experiments/memory_mixtures.py --preset cpu --parallel 1
     python scripts/report.py runs/sweeps/memory_mixtures --out docs/results/memory_mixtures
 
 MoM (`mom`, Gated DeltaNet memories of 2 heads each) at M = 1, 2, 4, 8 memories with top-2
-routing (and top-1 at M = 4), against one Gated DeltaNet of the same total state (2M heads of
+routing (and top-1 at M = 4, with MoM's renormalised weight and with the router's probability
+as the weight), against one Gated DeltaNet of the same total state (2M heads of
 the same width, every token written to each: `gated_deltanet` with `num_heads = 2M,
 head_size = d_model / 2`), on MQAR at Zoology's T=64 segments (4, 8, 16 pairs, `mixture=t64`).
 The hybrids with a 16-token window (Infini-attention with segments of 16; the artificial
@@ -42,6 +43,10 @@ def mixture_models(d_model: int) -> dict[str, tuple[str, dict]]:
     for M, top_k in ((1, 1), (2, 2), (4, 1), (4, 2), (8, 2)):
         models[f"mom_m{M}_top{top_k}"] = ("mom", {"model.mixer.num_memories": M,
                                                   "model.mixer.top_k": top_k})
+    # Top-1 with MoM's renormalised weight (exactly 1) gives the router no task gradient; with
+    # the softmax probability as the weight (Switch Transformer's rule) it gets one.
+    models["mom_m4_top1_prob"] = ("mom", {"model.mixer.num_memories": 4, "model.mixer.top_k": 1,
+                                          "model.mixer.renormalize": False})
     for M in (2, 4, 8):
         models[f"gdn_state_x{M}"] = ("gated_deltanet", {"model.mixer.num_heads": 2 * M,
                                                         "model.mixer.head_size": d_model // 2})

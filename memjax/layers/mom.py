@@ -15,14 +15,20 @@ FAMILIES = ("gated_deltanet", "deltanet", "linear_attention", "gla")
 GLA_GATE_RANK, GLA_GATE_NORMALIZER = 16, 16.0  # as the `gla` mixer's defaults
 
 
-def route(logits, top_k: int):
+def route(logits, top_k: int, renormalize: bool = True):
     """Router weights from ``logits [B, T, M]`` (float32 or wider): softmax over memories, keep
-    the top k, renormalise them to sum to 1. Returns ``(weights [B, T, M] zero outside the top k, probs
-    [B, T, M], selected [B, T, M] bool)``."""
+    the top k, and (``renormalize``, MoM's rule) rescale them to sum to 1; otherwise each kept
+    weight is its softmax probability (Switch Transformer's rule). Returns ``(weights [B, T, M]
+    zero outside the top k, probs [B, T, M], selected [B, T, M] bool)``.
+
+    At top-1 the renormalised weight is exactly 1 whatever the logits, so the task loss sends the
+    router no gradient (only the balance loss trains it); the probability itself does."""
     probs = jax.nn.softmax(logits, axis=-1)
     top, index = jax.lax.top_k(probs, top_k)
     selected = jnp.sum(jax.nn.one_hot(index, probs.shape[-1], dtype=jnp.int32), axis=-2) > 0
-    weights = jnp.where(selected, probs, 0.0) / jnp.sum(top, axis=-1, keepdims=True)
+    weights = jnp.where(selected, probs, 0.0)
+    if renormalize:
+        weights = weights / jnp.sum(top, axis=-1, keepdims=True)
     return weights, probs, selected
 
 
@@ -60,7 +66,9 @@ def load_balance_loss(probs, selected, top_k: int):
 class MixtureOfMemories(nn.Module):
     """MoM: M memories of one family, each token written to the top-k by a router.
 
-    Per token, ``w = renormalised top-k of softmax(W_r x)`` (float32). Memory m has its own
+    Per token, ``w = renormalised top-k of softmax(W_r x)`` (float32; with ``renormalize=False``
+    the top-k probabilities as they are, which a top-1 router needs to learn from the task, see
+    ``route``). Memory m has its own
     key, value and gate projections (``k, v = SiLU(ShortConv(W x))``, one Dense of width
     ``M * d_model`` each, memory-major) and reads with the shared query; its state advances and
     decays only on the tokens routed to it. The mixture's read is ``o_t = sum_m w_tm o_tm`` (plus
@@ -99,6 +107,7 @@ class MixtureOfMemories(nn.Module):
     num_heads: int = 2
     num_memories: int = 4
     top_k: int = 2
+    renormalize: bool = True
     shared_memory: bool = False
     capacity: float = 0.0  # 0: no capacity limit
     memory: str = "gated_deltanet"
@@ -115,7 +124,7 @@ class MixtureOfMemories(nn.Module):
         router_dtype = jnp.promote_types(x.dtype, jnp.float32)  # at least float32
         weights, probs, selected = route(
             nn.Dense(M, use_bias=False, dtype=router_dtype, kernel_init=initializers.projection(),
-                     name="router")(x.astype(router_dtype)), self.top_k)
+                     name="router")(x.astype(router_dtype)), self.top_k, self.renormalize)
         accepted, counts = selected, None
         if self.capacity > 0:
             counts, start = ((jnp.zeros((x.shape[0], M), jnp.int32), 0) if cache is None

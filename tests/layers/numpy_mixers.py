@@ -673,8 +673,9 @@ def titans_mac_np(p, x, *, num_heads, architecture, depth, memory_chunk, omega_w
 
 # ------------------------------------------------------------------------ mixture of memories
 
-def mom_routes_np(logits, top_k, capacity):
-    """Per token: the renormalised top-k softmax weights `[B, T, M]` (0 elsewhere), with memory m
+def mom_routes_np(logits, top_k, capacity, renormalize=True):
+    """Per token: the top-k softmax weights `[B, T, M]` (0 elsewhere; `renormalize`: rescaled to
+    sum to 1), with memory m
     of the token at position t dropped once it has accepted `capacity * top_k * (t + 1) / M` of
     the earlier tokens (capacity > 0). Returns `(weights, selected, accepted)`."""
     B, T, M = logits.shape
@@ -686,7 +687,9 @@ def mom_routes_np(logits, top_k, capacity):
         for t in range(T):
             top = np.argsort(-probs[b, t], kind="stable")[:top_k]
             selected[b, t, top] = True
-            weights[b, t, top] = probs[b, t, top] / probs[b, t, top].sum()
+            weights[b, t, top] = probs[b, t, top]
+            if renormalize:
+                weights[b, t, top] /= probs[b, t, top].sum()
     accepted = selected.copy()
     if capacity > 0:
         for b in range(B):
@@ -698,9 +701,10 @@ def mom_routes_np(logits, top_k, capacity):
     return np.where(accepted, weights, 0.0), selected, accepted
 
 
-def mom_np(p, x, *, num_heads, num_memories, top_k, shared_memory, capacity, memory):
+def mom_np(p, x, *, num_heads, num_memories, top_k, renormalize, shared_memory, capacity,
+           memory):
     """Mixture of memories (Du et al. 2025), value-major, one memory at a time: route each token
-    to its top-k memories; memory m (own k, v, beta, decay projections; the shared query) updates
+    to its top-k memories (weights renormalised to sum to 1, or the probabilities themselves); memory m (own k, v, beta, decay projections; the shared query) updates
     only on its accepted tokens, `S = alpha S (I - beta k k^T) + beta v k^T` (gated_deltanet;
     alpha = 1 for deltanet), `S = S + v k^T` (linear_attention) or `S = S diag(alpha) + v k^T`
     (gla); `o_t = sum_m w_tm S_m q_t / sqrt(w)` plus the shared memory's read (every token);
@@ -708,7 +712,7 @@ def mom_np(p, x, *, num_heads, num_memories, top_k, shared_memory, capacity, mem
     B, T, d = x.shape
     H, w = num_heads, d // num_heads
     slots = num_memories + int(shared_memory)
-    weights, _, accepted = mom_routes_np(x @ p["router"]["kernel"], top_k, capacity)
+    weights, _, accepted = mom_routes_np(x @ p["router"]["kernel"], top_k, capacity, renormalize)
     weights = np.concatenate([weights, np.ones((B, T, slots - num_memories))], axis=-1)
     writes = np.concatenate([accepted, np.ones((B, T, slots - num_memories), bool)], axis=-1)
     q = l2_unit(heads(silu(causal_conv(p["conv_q"], dense(p["q"], x))), H))

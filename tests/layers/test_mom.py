@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from memjax.layers import build_mixer
-from memjax.layers.mom import apply_capacity, load_balance_loss
+from memjax.layers.mom import apply_capacity, load_balance_loss, route
 
 D, T = 16, 12
 
@@ -104,6 +104,24 @@ def test_the_layer_is_causal_and_keeps_sequences_apart():
     np.testing.assert_array_equal(y2[0, :t], y[0, :t])
     np.testing.assert_array_equal(y2[1], y[1])
     assert not np.allclose(y2[0, t], y[0, t])
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_probability_weights_train_the_router_at_top_1_where_renormalised_ones_cannot(top_k):
+    """Renormalised top-1 weights are exactly 1: the task loss gives the router's logits no
+    gradient (the choice is an arg-max). The probabilities themselves (renormalize=False) give it
+    one at any k, as renormalised weights do from top-2 on."""
+    logits = jax.random.normal(jax.random.key(0), (2, 5, 4))
+    readout = jax.random.normal(jax.random.key(1), (2, 5, 4))  # stands in for o_tm
+
+    def logit_grad(renormalize):
+        return jax.grad(lambda l: jnp.sum(route(l, top_k, renormalize)[0] * readout))(logits)
+
+    weights, probs, selected = route(logits, top_k, renormalize=False)
+    np.testing.assert_array_equal(weights, jnp.where(selected, probs, 0.0))
+    assert float(jnp.max(jnp.abs(logit_grad(False)))) > 0.05
+    renormalised_grad = float(jnp.max(jnp.abs(logit_grad(True))))
+    assert (renormalised_grad < 1e-6) if top_k == 1 else (renormalised_grad > 0.05)
 
 
 def test_load_balance_loss_is_one_when_balanced_and_larger_when_not():
