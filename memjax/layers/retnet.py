@@ -20,12 +20,14 @@ class Retention(nn.Module):
     """Multi-scale retention (Sun et al., 2023), without xPos (order comes from the short conv).
 
     Per head h: `S_t = gamma_h S_{t-1} + k_t v_t^T`, `o_t = S_t^T q_t / sqrt(K)`; then a per-head
-    RMS norm, a SiLU output gate `silu(W_g x)` and the output projection. `[B, T, d_model]` in and
+    RMS norm, a SiLU output gate `silu(W_g x)` (unless `output_gate=False`, the ablation that
+    tells the gate's effect on recall from the fixed decays') and the output projection. `[B, T, d_model]` in and
     out; decoding cache `{"state": [B, H, K, K]}`.
     """
 
     d_model: int
     num_heads: int = 4
+    output_gate: bool = True  # False: the normalised heads go straight to the output projection
     chunk_size: int = 64
     impl: str = "auto"
 
@@ -42,8 +44,9 @@ class Retention(nn.Module):
             linear_attention, linear_attention_step, None if cache is None else cache["state"],
             {"impl": self.impl, "chunk_size": self.chunk_size}, q=q, k=k, v=v, g=g)
         o = merge_heads(nn.RMSNorm(name="head_norm")(o))
-        gate = nn.silu(initializers.dense(self.d_model, name="gate")(x))
-        y = initializers.dense_out(self.d_model, name="out")(o * gate)
+        if self.output_gate:
+            o = o * nn.silu(initializers.dense(self.d_model, name="gate")(x))
+        y = initializers.dense_out(self.d_model, name="out")(o)
         return y if cache is None else (y, {"state": state})
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:

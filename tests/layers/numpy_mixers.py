@@ -216,10 +216,10 @@ def gla_np(p, x, *, num_heads, expand_k, gate_normalizer, output_gate=True):
     return dense(p["out"], o)
 
 
-def retnet_np(p, x, *, num_heads):
+def retnet_np(p, x, *, num_heads, output_gate):
     """Retention (Sun et al. 2023) without xPos: `S_t = gamma_h S_{t-1} + k_t^T v_t`,
-    `gamma_h = 1 - 2^(-5 - h)`, `o_t = q_t S_t / sqrt(w)`; per-head RMSNorm, times `silu(W_g x)`,
-    then `W_out`."""
+    `gamma_h = 1 - 2^(-5 - h)`, `o_t = q_t S_t / sqrt(w)`; per-head RMSNorm, times `silu(W_g x)`
+    (when `output_gate`), then `W_out`."""
     B, T, d = x.shape
     q, k, v = (heads(dense(p[n], x), num_heads) for n in "qkv")
     w = d // num_heads
@@ -229,7 +229,9 @@ def retnet_np(p, x, *, num_heads):
     for t in range(T):
         S = gamma[:, None, None] * S + np.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
         o[:, t] = np.einsum("bhk,bhkv->bhv", q[:, t], S) / np.sqrt(w)
-    o = rms_norm(o, p["head_norm"]["scale"]).reshape(B, T, d) * silu(dense(p["gate"], x))
+    o = rms_norm(o, p["head_norm"]["scale"]).reshape(B, T, d)
+    if output_gate:
+        o = o * silu(dense(p["gate"], x))
     return dense(p["out"], o)
 
 

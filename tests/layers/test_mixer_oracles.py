@@ -58,7 +58,9 @@ CASES = [
      (5e-8, 8e-7, 2e-2)),  # 4.6e-9 8.0e-8 4.4e-3
     ("gla", dict(num_heads=2, expand_k=0.5, gate_rank=4, gate_normalizer=16.0, output_gate=False,
                  chunk_size=4), (5e-8,)),
-    ("retnet", dict(num_heads=4, chunk_size=4), (1.2e-8, 2.5e-6, 2e-2)),  # 1.2e-9 2.3e-7 4.8e-3
+    ("retnet", dict(num_heads=4, output_gate=True, chunk_size=4),
+     (1.2e-8, 2.5e-6, 2e-2)),  # 1.2e-9 2.3e-7 4.8e-3
+    ("retnet", dict(num_heads=4, output_gate=False, chunk_size=4), (1.2e-8,)),
     ("rwkv7", dict(num_heads=2, low_rank=4), (3e-7, 3e-4, 2e-2)),  # 3.0e-8 3.0e-5 4.6e-3
     ("mamba", dict(state_dim=4, polarized=False, chunk_size=4),
      (2e-7, 6e-7, 5e-2)),  # 2.0e-8 5.8e-8 1.2e-2
