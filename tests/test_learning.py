@@ -57,7 +57,9 @@ KNOWN_FAILURES: dict[str, str] = {
            "queries whose top-2 share no memory with their pair's value position are as accurate "
            "(0.648) as those sharing two (0.632) (scripts/diagnose_mom_routing.py)",
     "retnet": "a prior, not recall: 0.151 after 1500 steps (0.10 at 700), probe 0.129 / 0.134 "
-              "(measured 2026-12-04); fixed decays and GLA's output gate, cause not isolated",
+              "(measured 2026-12-04). The silu output gate holds it on the plateau: with "
+              "output_gate=False it recalls, 0.486 at 200, 0.887 at 1000, 0.904 after 1500, "
+              "probe 0.899 / 0.014 (2026-12-05); the rest of the gap is not isolated",
     "titans_mac": "recall, flat at 0.68: 0.684 after 1500 steps (0.557 at 300, 0.675 at 700, "
                   "0.68-0.69 since), probe 0.672 / 0.098 (measured 2026-12-04 after the block's "
                   "short convolution went in front of MAC; before it, a prior at 0.241). 16-token "
