@@ -68,12 +68,12 @@ class MixtureOfMemories(nn.Module):
 
     Per token, ``w = renormalised top-k of softmax(W_r x)`` (float32; with ``renormalize=False``
     the top-k probabilities as they are, which a top-1 router needs to learn from the task, see
-    ``route``). Memory m has its own
-    key, value and gate projections (``k, v = SiLU(ShortConv(W x))``, one Dense of width
-    ``M * d_model`` each, memory-major) and reads with the shared query; its state advances and
-    decays only on the tokens routed to it. The mixture's read is ``o_t = sum_m w_tm o_tm`` (plus
-    the unweighted read of the shared memory, which every token writes, with ``shared_memory``),
-    then the shared head RMSNorm, SiLU output gate and output projection, as Gated DeltaNet's.
+    ``route``). Memory m has its own key, value and gate projections (``k, v = SiLU(ShortConv(W
+    x))``, one Dense of width ``M * d_model`` each, memory-major) and reads with the shared
+    query; its state advances and decays only on the tokens routed to it. The mixture's read is
+    ``o_t = sum_m w_tm o_tm`` (plus the unweighted read of the shared memory, which every token
+    writes, with ``shared_memory``), then the shared head RMSNorm, SiLU output gate and output
+    projection, as Gated DeltaNet's.
 
     ``memory``: ``gated_deltanet`` (``S = exp(g)(I - beta k k^T) S + beta k v^T``, per-memory
     beta and decay projections, shared A_log and dt_bias), ``deltanet`` (no decay),

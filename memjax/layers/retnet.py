@@ -20,9 +20,9 @@ class Retention(nn.Module):
     """Multi-scale retention (Sun et al., 2023), without xPos (order comes from the short conv).
 
     Per head h: `S_t = gamma_h S_{t-1} + k_t v_t^T`, `o_t = S_t^T q_t / sqrt(K)`; then a per-head
-    RMS norm, a SiLU output gate `silu(W_g x)` (unless `output_gate=False`, the ablation that
-    tells the gate's effect on recall from the fixed decays') and the output projection. `[B, T, d_model]` in and
-    out; decoding cache `{"state": [B, H, K, K]}`.
+    RMS norm, a SiLU output gate `silu(W_g x)` (unless `output_gate=False`: without it the layer
+    learns MQAR recall, with it a prior, docs/results/learning_tests.md) and the output
+    projection. `[B, T, d_model]` in and out; decoding cache `{"state": [B, H, K, K]}`.
     """
 
     d_model: int

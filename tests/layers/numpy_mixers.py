@@ -706,8 +706,9 @@ def mom_routes_np(logits, top_k, capacity, renormalize=True):
 def mom_np(p, x, *, num_heads, num_memories, top_k, renormalize, shared_memory, capacity,
            memory):
     """Mixture of memories (Du et al. 2025), value-major, one memory at a time: route each token
-    to its top-k memories (weights renormalised to sum to 1, or the probabilities themselves); memory m (own k, v, beta, decay projections; the shared query) updates
-    only on its accepted tokens, `S = alpha S (I - beta k k^T) + beta v k^T` (gated_deltanet;
+    to its top-k memories (weights renormalised to sum to 1, or the probabilities themselves);
+    memory m (own k, v, beta, decay projections; the shared query) updates only on its accepted
+    tokens, `S = alpha S (I - beta k k^T) + beta v k^T` (gated_deltanet;
     alpha = 1 for deltanet), `S = S + v k^T` (linear_attention) or `S = S diag(alpha) + v k^T`
     (gla); `o_t = sum_m w_tm S_m q_t / sqrt(w)` plus the shared memory's read (every token);
     head RMSNorm, times `silu(W_g x)`, then `W_out`."""

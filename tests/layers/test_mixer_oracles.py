@@ -114,16 +114,18 @@ CASES = [
     # tokens inside chunks; capacity 1.0 drops about a tenth of the assignments. The gradient
     # error is the float32 norm of l2_normalize (by design): with float64 gates it stays at
     # 3e-6, and top-3 of 3 memories or M = 1 gives 8e-8.
-    ("mom", dict(num_heads=2, num_memories=3, top_k=2, renormalize=True, shared_memory=True, capacity=0.0,
-                 memory="gated_deltanet", chunk_size=4), (5e-7, 5e-5, 5e-2)),  # 4.9e-8 4.7e-6 1.3e-2
-    ("mom", dict(num_heads=2, num_memories=3, top_k=2, renormalize=True, shared_memory=False, capacity=1.0,
-                 memory="gated_deltanet", chunk_size=4), (1e-6,)),
+    ("mom", dict(num_heads=2, num_memories=3, top_k=2, renormalize=True, shared_memory=True,
+                 capacity=0.0, memory="gated_deltanet", chunk_size=4),
+     (5e-7, 5e-5, 5e-2)),  # 4.9e-8 4.7e-6 1.3e-2
+    ("mom", dict(num_heads=2, num_memories=3, top_k=2, renormalize=True, shared_memory=False,
+                 capacity=1.0, memory="gated_deltanet", chunk_size=4), (1e-6,)),
+    # Top-1 weighted by the router probability (not renormalised to 1).
     ("mom", dict(num_heads=2, num_memories=4, top_k=1, renormalize=False, shared_memory=False,
                  capacity=0.0, memory="deltanet", chunk_size=4), (1e-6,)),
-    ("mom", dict(num_heads=2, num_memories=2, top_k=1, renormalize=True, shared_memory=True, capacity=0.0,
-                 memory="linear_attention", chunk_size=4), (1e-6,)),
-    ("mom", dict(num_heads=2, num_memories=3, top_k=2, renormalize=True, shared_memory=False, capacity=1.5,
-                 memory="gla", chunk_size=4), (1e-6,)),
+    ("mom", dict(num_heads=2, num_memories=2, top_k=1, renormalize=True, shared_memory=True,
+                 capacity=0.0, memory="linear_attention", chunk_size=4), (1e-6,)),
+    ("mom", dict(num_heads=2, num_memories=3, top_k=2, renormalize=True, shared_memory=False,
+                 capacity=1.5, memory="gla", chunk_size=4), (1e-6,)),
     # Segments of 5 over T = 12 (the last partial): the third reads a memory the delta update
     # changed. Infini-attention computes in float64 throughout.
     ("infini_attention", dict(num_heads=2, segment=5, delta=False),
