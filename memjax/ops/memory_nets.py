@@ -36,8 +36,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["MemorySpec", "forward", "init_memory_params", "newton_schulz", "token_loss",
-           "weight_shapes"]
+__all__ = ["MemorySpec", "forward", "init_memory_params", "newton_schulz", "newton_schulz_factor",
+           "token_loss", "weight_shapes"]
 
 ARCHITECTURES = ("linear", "mlp", "gated_mlp")
 LOSSES = ("l2", "dot", "huber", "lp")
@@ -250,28 +250,65 @@ def _newton_schulz_gram(X, steps: int, eps: float):
     touched by 2 products per block of iterations (G, then ``M Y``) instead of 2 per iteration,
     and the backward pass stores and revisits no ``[m, n]`` iterate inside a block (ATLAS's
     polynomial-feature memory, ``[16, 273]`` per head: about 3x less NS time, forward and
-    backward, on CPU). Blocks of at most 3 iterations: M grows by up to ``a`` per iteration on
-    small singular values, and its rounding error with it, so one block of 5 would be about 100x
-    less accurate in float32 than the plain iteration on ill-conditioned inputs; restarting from
-    ``Y = M Y`` after 3 keeps the error at the plain iteration's (measured: max relative error
-    ~1e-5 at condition numbers 1e2..1e6 for ``[16, 273]``, float32).
+    backward, on CPU). Blocks of at most 3 iterations (``_gram_blocks``): M grows by up to
+    ``a`` per iteration on small singular values, and its rounding error with it, so one block
+    of 5 would be about 100x less accurate in float32 than the plain iteration on
+    ill-conditioned inputs; restarting from ``Y = M Y`` after 3 keeps the error at the plain
+    iteration's (measured: max relative error ~1e-5 at condition numbers 1e2..1e6 for
+    ``[16, 273]``, float32).
     """
-    a, b, c = NS_COEFFS
-    T = jnp.matrix_transpose
-    G = X @ T(X)  # its trace is ||X||_F^2
+    G = X @ jnp.matrix_transpose(X)
+    scale = _gram_scale(G, eps)
+    for i, block in enumerate(_gram_blocks(steps)):
+        if i:
+            G = X @ jnp.matrix_transpose(X)
+        M = _gram_iterations(G * (scale * scale) if i == 0 else G, block)
+        X = (M * scale if i == 0 else M) @ X
+    return X
+
+
+def newton_schulz_factor(G, steps: int = 5, eps: float = 1e-7):
+    """``F [..., m, m]`` with ``newton_schulz(X) = F X``, from the Gram matrix ``G = X X^T`` alone.
+
+    For a wide ``X [..., m, n]`` (``m <= n``; for a tall one pass ``X^T X`` and use
+    ``newton_schulz(X) = X F^T``). The chunk form of the Muon memory reads and updates through
+    it without forming X (``neural_memory._mini_batch``). The iteration is
+    ``_newton_schulz_gram``'s, in the same blocks of at most 3, except that a block restarts
+    from ``M G M^T`` instead of recomputing ``G`` from the ``[m, n]`` iterate: the same in exact
+    arithmetic (float64 tests compare it with the oracle).
+    """
+    scale = _gram_scale(G, eps)
+    G = G * (scale * scale)
+    F = scale * jnp.eye(G.shape[-1], dtype=G.dtype)
+    blocks = _gram_blocks(steps)
+    for i, block in enumerate(blocks):
+        M = _gram_iterations(G, block)
+        F = M @ F
+        if i + 1 < len(blocks):
+            G = M @ G @ jnp.matrix_transpose(M)
+    return F
+
+
+def _gram_scale(G, eps: float):
+    """``1 / (||X||_F + eps)`` from ``G = X X^T`` (``[..., 1, 1]``): Newton-Schulz's first step."""
     squares = jnp.trace(G, axis1=-2, axis2=-1)[..., None, None]
     # sqrt at 0 has an infinite derivative: a zero matrix (no gradient yet) must not give NaN.
     norm = jnp.where(squares > 0, jnp.sqrt(jnp.where(squares > 0, squares, 1)), 0)
-    scale = 1 / (norm + eps)  # the iteration starts from X_0 = scale X
-    G = G * (scale * scale)
+    return 1 / (norm + eps)
+
+
+def _gram_blocks(steps: int) -> list[int]:
+    """Iterations per block: ``steps`` split into the fewest blocks of at most 3, evenly."""
     blocks = -(-steps // 3)
-    for i in range(blocks):
-        if i:
-            G = X @ T(X)
-        M = None  # the identity
-        for _ in range(steps // blocks + (i < steps % blocks)):
-            A = G if M is None else M @ G @ T(M)
-            P = b * A + c * (A @ A)
-            M = a * jnp.eye(A.shape[-1], dtype=A.dtype) + P if M is None else a * M + P @ M
-        X = (M * scale if i == 0 else M) @ X
-    return X
+    return [steps // blocks + (i < steps % blocks) for i in range(blocks)]
+
+
+def _gram_iterations(G, steps: int):
+    """``M [..., m, m]`` with ``X_k = M X_0`` after ``steps`` iterations from ``X_0 X_0^T = G``."""
+    a, b, c = NS_COEFFS
+    M = None  # the identity
+    for _ in range(steps):
+        A = G if M is None else M @ G @ jnp.matrix_transpose(M)
+        P = b * A + c * (A @ A)
+        M = a * jnp.eye(A.shape[-1], dtype=A.dtype) + P if M is None else a * M + P @ M
+    return M

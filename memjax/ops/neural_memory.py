@@ -54,7 +54,8 @@ from jax.ad_checkpoint import checkpoint_name
 from memjax.ops import dispatch
 from memjax.ops._common import acc_dtype, check_qkv, check_shape
 from memjax.ops.memory_nets import (MemorySpec, apply, forward, gradient_factors,
-                                    init_memory_params, newton_schulz, token_loss, weight_shapes)
+                                    init_memory_params, newton_schulz, newton_schulz_factor,
+                                    token_loss, weight_shapes)
 
 __all__ = ["MemorySpec", "MemoryState", "init_memory_params", "initial_memory_state",
            "neural_memory", "neural_memory_step"]
@@ -246,6 +247,61 @@ def _shift_rows(x, first):
     return jnp.concatenate([first[None], x[:-1]])
 
 
+class _MuonFrame(NamedTuple):
+    """One weight leaf's per-token Muon updates ``NS(S_s)`` in a mini-batch, never formed.
+
+    The momentum of token s is ``S_s = Pm_s S0 + sum_j CS[s, j] delta_j a_j^T`` (``[out,
+    in]``). Held in its wide orientation (``S0 [m, n]``, ``m <= n``: transposed with ``left =
+    a``, ``right = delta`` when out > in), so that ``S_s = Pm_s S0 + sum_j CS[s, j] left_j
+    right_j^T`` and ``NS(S_s) = F_s S_s`` with ``F_s [m, m]`` from the Gram matrix ``S_s
+    S_s^T``, which needs only ``S0 S0^T``, ``S0 right^T`` and ``right right^T``. Per token this
+    costs ``O(m^2 J + m^3)`` instead of the ``O(m n J)`` of forming ``S_s`` and the ``O(m^2 n)``
+    of orthogonalising it, and the backward pass stores no ``[b, out, in]`` tensor.
+    """
+
+    S0: jax.Array     # [m, n]
+    left: jax.Array   # [J, m]
+    right: jax.Array  # [J, n]
+    CS: jax.Array     # [b, J]
+    Pm: jax.Array     # [b]
+    F: jax.Array      # [b, m, m]
+    tall: bool
+
+    @classmethod
+    def build(cls, S0, delta, a, CS, Pm, ns_steps: int):
+        tall = S0.shape[0] > S0.shape[1]
+        S0, left, right = (S0.T, a, delta) if tall else (S0, delta, a)
+        E = CS[:, None, :] * left.T[None]  # [b, m, J]: S_s - Pm_s S0 = E_s right
+        cross = Pm[:, None, None] * jnp.einsum("mj,snj->smn", S0 @ right.T, E)
+        gram = (jnp.square(Pm)[:, None, None] * (S0 @ S0.T) + cross + jnp.swapaxes(cross, 1, 2)
+                + jnp.einsum("smj,jk,snk->smn", E, right @ right.T, E))
+        return cls(S0, left, right, CS, Pm, newton_schulz_factor(gram, ns_steps), tall)
+
+    def _momentum_times(self, x):
+        """``S_s x_t`` for every (s, t): x ``[t, n]`` -> ``[s, t, m]``."""
+        return (self.Pm[:, None, None] * (x @ self.S0.T)[None]
+                + jnp.einsum("sj,tj,jm->stm", self.CS, x @ self.right.T, self.left))
+
+    def _momentum_transposed_times(self, y):
+        """``S_s^T y[s, t]`` for every (s, t): y ``[s, t, m]`` -> ``[s, t, n]``."""
+        return (self.Pm[:, None, None] * (y @ self.S0)
+                + jnp.einsum("sj,stj,jn->stn", self.CS, y @ self.left.T, self.right))
+
+    def read(self, coef, x):
+        """``sum_s coef[t, s] NS(S_s) x_t`` for x ``[b, in]`` (rows t) -> ``[b, out]``."""
+        if self.tall:  # NS(S_s) x = S_s^T F_s^T x in the wide frame
+            z = self._momentum_transposed_times(jnp.einsum("skm,tk->stm", self.F, x))
+        else:  # NS(S_s) x = F_s S_s x
+            z = jnp.einsum("smk,stk->stm", self.F, self._momentum_times(x))
+        return jnp.einsum("ts,sto->to", coef, z)
+
+    def weighted_sum(self, c):
+        """``sum_s c_s NS(S_s)`` ``[out, in]`` for c ``[b]``."""
+        total = (jnp.einsum("s,smk->mk", c * self.Pm, self.F) @ self.S0
+                 + jnp.einsum("s,sj,smk,jk->jm", c, self.CS, self.F, self.left).T @ self.right)
+        return total.T if self.tall else total
+
+
 def _mini_batch(spec: MemorySpec, carry, chunk):
     """One mini-batch of b tokens, every gradient at its base point (module docstring).
 
@@ -284,17 +340,18 @@ def _mini_batch(spec: MemorySpec, carry, chunk):
 
         o = forward(spec, matvec, q)
         W_end = {n: Pw[-1] * W0[n] - s[-1] * S0[n] - outer_sum(CW[-1], n) for n in W0}
-        S_end = {n: Pm[-1] * S0[n] + outer_sum(CS[-1], n) for n in S0}
-    else:  # muon: NS is per token and nonlinear, so the momentum is materialised per token
-        S_all = {n: Pm[:, None, None] * S0[n] + outer_sum(CS, n) for n in S0}
+    else:  # muon: W_t = Pw_t W0 - sum_s DwLr[t, s] NS(S_s), NS(S_s) through [m, m] Gram factors
         DwLr = Dw * (real * theta)[None, :]
-        W_all = {n: Pw[:, None, None] * W0[n]
-                 - jnp.einsum("ts,soi->toi", DwLr, newton_schulz(S_all[n], spec.ns_steps))
-                 for n in W0}
-        read = ({n: _shift_rows(w, W0[n]) for n, w in W_all.items()} if before else W_all)
-        o = jax.vmap(functools.partial(apply, spec))(read, q)
-        W_end = {n: w[-1] for n, w in W_all.items()}
-        S_end = {n: x[-1] for n, x in S_all.items()}
+        frames = {n: _MuonFrame.build(S0[n], delta[n], a[n], CS, Pm, spec.ns_steps) for n in S0}
+        P_read, C_read = ((_shift_rows(Pw, jnp.ones((), Pw.dtype)),
+                           _shift_rows(DwLr, jnp.zeros_like(DwLr[0]))) if before else (Pw, DwLr))
+
+        def matvec(name, x):  # x [b, in]: row t times the weights read at token t
+            return P_read[:, None] * (x @ W0[name].T) - frames[name].read(C_read, x)
+
+        o = forward(spec, matvec, q)
+        W_end = {n: Pw[-1] * W0[n] - frames[n].weighted_sum(DwLr[-1]) for n in W0}
+    S_end = {n: Pm[-1] * S0[n] + outer_sum(CS[-1], n) for n in S0}
     base_last = jax.tree_util.tree_map(lambda new, old: jnp.where(jnp.any(is_real), new, old),
                                        base, base_last)
     return (W_end, W_end, S_end, base_last), o
