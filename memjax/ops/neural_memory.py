@@ -33,8 +33,11 @@ Forms (``impl``):
   reads need no per-token weights: for every weight product of the memory's forward pass,
   ``W_t x_t = P_t W_0 x_t - s_t S_0 x_t - sum_j C[t, j] (a_j . x_t) delta_j`` (the TTT dual
   form, extended to momentum and the Omega window). ``muon`` orthogonalises each token's
-  momentum, so it materialises ``[b, out, in]`` per leaf. Each step is rematerialised: the
-  backward pass keeps one state per mini-batch.
+  momentum: ``NS(S_t) = F_t S_t`` with ``F_t`` an ``[m, m]`` polynomial of the Gram matrix
+  ``S_t S_t^T`` (m the smaller side), and that Gram matrix, the reads and the end state are
+  sums of products of ``S_0``, the ``delta`` and the ``a`` (``_MuonFrame``), so no ``[b, out,
+  in]`` tensor is formed either. Each step is rematerialised: the backward pass keeps one
+  state per mini-batch.
 
 A call may start anywhere in a mini-batch or Omega window: the state carries the base point,
 the weights and momentum after the last token, the phase (tokens seen mod b) and the last c - 1
