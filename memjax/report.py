@@ -10,8 +10,8 @@ learnt prior as `probe_original` ~ `accuracy` with `probe_swapped` near chance.
 
 Plots:
 - `accuracy_vs_state.png`: test accuracy against state size, one panel per test slice, one
-  colour per mixer, the best learning rate per (mixer, d_model), and the Pareto frontier (the
-  most accurate run at or below each state size) drawn as a dashed line.
+  colour per mixer, the best learning rate per (mixer, d_model, task), and the Pareto frontier
+  (the most accurate run at or below each state size) drawn as a dashed line.
 - `accuracy_vs_length.png` (when test slices span several lengths `T<n>...`): accuracy against
   test length, one line per run, slices of the same length averaged (e.g. over needle depths);
   final-position slices `T<n>_last` only, when a run has them.
@@ -151,10 +151,12 @@ def accuracy_slices(rows: list[dict]) -> list[str]:
 
 
 def best_per_point(rows: list[dict], metric: str = "accuracy") -> list[dict]:
-    """The run with the highest `metric` for each (mixer, d_model): the best learning rate."""
+    """The run with the highest `metric` for each (mixer, d_model) and set of test slices: the
+    best learning rate. Runs tested on different slices answer different tasks (a study of
+    MQAR and passkey), so each keeps its own best."""
     best = {}
     for row in rows:
-        key = (row["mixer"], row["d_model"])
+        key = (row["mixer"], row["d_model"], tuple(accuracy_slices([row])))
         if row.get(metric) is None:
             continue
         if key not in best or row[metric] > best[key][metric]:
@@ -227,6 +229,7 @@ def plot_accuracy_vs_state(rows: list[dict], path):
             ax.step(*zip(*front), where="post", color="black", ls="--", lw=1, zorder=2,
                     label="Pareto frontier")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # labelled minor ticks overlap
         ax.set_title(name, fontsize="medium")
         ax.set_xlabel("state size (bytes)")
         ax.set_ylabel("test accuracy")
@@ -289,9 +292,10 @@ def plot_accuracy_vs_length(rows: list[dict], path) -> bool:
 
 
 def _save(fig, path):
-    """Saves a figure as PNG to `path` (local or remote) and closes it."""
+    """Saves a figure as PNG to `path` (local or remote) and closes it. The image grows to hold
+    what lies outside the axes (a legend beside them), which the figure size alone would cut."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     _pyplot().close(fig)
     as_path(path).write_bytes(buffer.getvalue())
 
