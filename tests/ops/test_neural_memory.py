@@ -54,7 +54,7 @@ from neural_memory_oracle import (
 from numpy_reference import delta_rule_np
 
 from memjax.ops import delta_rule
-from memjax.ops.memory_nets import newton_schulz
+from memjax.ops.memory_nets import newton_schulz, newton_schulz_factor
 from memjax.ops.neural_memory import (
     MemorySpec,
     MemoryState,
@@ -510,6 +510,23 @@ def test_newton_schulz_matches_oracle_f64(x64, shape):
         flat = X.reshape(-1, *shape[-2:])
         want = np.stack([newton_schulz_oracle(x, steps) for x in flat]).reshape(shape)
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=f"steps={steps}")
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (3, 5), (2, 6, 20)], ids=str)
+def test_newton_schulz_factor_from_the_gram_matrix_alone_matches_oracle_f64(x64, shape):
+    """F from G = X X^T with NS(X) = F X: the chunk form's Muon (wide X; 5 steps run in two
+    blocks, 2 in one). A zero matrix gives F X = 0, not NaN."""
+    rng = np.random.default_rng(shape[-1])
+    X = rng.normal(size=shape) * 3.0
+    flat = X.reshape(-1, *shape[-2:])
+    for steps in (5, 2):
+        F = newton_schulz_factor(jnp.asarray(X @ np.swapaxes(X, -1, -2)), steps=steps)
+        assert F.shape == (*shape[:-1], shape[-2])
+        want = np.stack([newton_schulz_oracle(x, steps) for x in flat]).reshape(shape)
+        np.testing.assert_allclose(np.asarray(F) @ X, want, rtol=1e-11, atol=1e-11,
+                                   err_msg=f"steps={steps}")
+    zero = np.zeros(shape[-2:])
+    assert not np.any(np.asarray(newton_schulz_factor(jnp.asarray(zero @ zero.T))) @ zero)
 
 
 @pytest.mark.parametrize("shape", [(4, 4), (3, 6), (8, 3)], ids=str)
