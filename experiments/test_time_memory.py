@@ -12,9 +12,9 @@ memory) and Dot (`dot`: the Omega rule on polynomial features, matrix memory), b
 
 Preset `cpu` (18 runs: about four hours on two quiet CPU cores with `--parallel 2`, plus 1.5 to
 3 hours for each of ATLAS's two; ATLAS and Dot with the smaller memories of CPU_OVERRIDES): MQAR
-at growing numbers of pairs (Zoology's T=64 segments: 4, 8 and 16 pairs, `mixture=t64`, vocab 256) with the
-learning-test recipe (batch 128, AdamW lr 1e-2, 100 warm-up steps, cosine over 1000 steps, early
-stop at 0.99), and passkey retrieval trained at T=64 and tested at 1x, 2x and 4x
+at growing numbers of pairs (Zoology's T=64 segments: 4, 8 and 16 pairs, `mixture=t64`, vocab
+256) with the learning-test recipe (batch 128, AdamW lr 1e-2, 100 warm-up steps, cosine over
+1000 steps, early stop at 0.99), and passkey retrieval trained at T=64 and tested at 1x, 2x and 4x
 (`configs/passkey.py`, batch 64, lr 3e-3, 1000 steps). The budget is short for the slower
 learners (LMM reached 0.98 on the 4-pair segment only at step 1500 in the learning tests): read
 a low cpu-preset number as "not learnt in 1000 steps", and confirm with the `full` preset.

@@ -28,8 +28,8 @@ def test_best_per_point_picks_the_best_learning_rate():
 
 def test_best_per_point_keeps_one_run_per_task():
     """A study of two tasks (other test slices) keeps the best run of each, not of both pooled."""
-    rows = [_row("mqar", "lmm", 64, 1e-2, 10, T64_K4=0.5), _row("passkey", "lmm", 64, 3e-3, 10,
-                                                                  T64_d0=1.0),
+    rows = [_row("mqar", "lmm", 64, 1e-2, 10, T64_K4=0.5),
+            _row("passkey", "lmm", 64, 3e-3, 10, T64_d0=1.0),
             _row("mqar_lr", "lmm", 64, 3e-3, 10, T64_K4=0.7)]
     assert sorted(r["run"] for r in best_per_point(rows)) == ["mqar_lr", "passkey"]
 
