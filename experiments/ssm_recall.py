@@ -18,7 +18,10 @@ within the 1500 steps (docs/results/ssm_recall/README.md); two tries at the bar:
 own (`mamba_stacked_convs`); then three more for Mamba: the 3000-step schedule that solved it for
 Mamba-2, at learning rates 1e-2 and 3e-3 (`mamba_3000_lr0.01`, `mamba_3000_lr0.003`), and 64
 states per channel instead of 16 (`mamba_state64`: is the 16-dimensional B/C key space what
-blurs its read-out?); and the top of Zoology's learning-rate grid, 10^-1.5 (`mamba_lr0.0316`).
+blurs its read-out?); the top of Zoology's learning-rate grid, 10^-1.5 (`mamba_lr0.0316`); and
+the budget test, a 10,000-step schedule (`mamba_10000`: Zoology trains ~22k steps of 256; every
+Mamba run that learned recall was still rising when its schedule ran out; checkpoints every 250
+steps, so it can be resumed across sessions).
 Preset `full`: the same mixers on the `zoology_mqar` ladder to (256, 16) at d_model {64, 128},
 learning rates {1e-3, 3e-3, 1e-2}, 3000 steps.
 """
@@ -48,7 +51,10 @@ def runs(preset: str) -> list[dict]:
                 + [{"name": "mamba_state64", "config": "configs/mqar.py:model=mamba,d_model=64",
                     "overrides": T64_RECIPE | {"model.mixer.state_dim": 64}},
                    {"name": "mamba_lr0.0316", "config": "configs/mqar.py:model=mamba,d_model=64",
-                    "overrides": T64_RECIPE | {"train.lr": 10**-1.5}}])
+                    "overrides": T64_RECIPE | {"train.lr": 10**-1.5}},
+                   {"name": "mamba_10000", "config": "configs/mqar.py:model=mamba,d_model=64",
+                    "overrides": T64_RECIPE | {"train.steps": 10_000,
+                                               "train.checkpoint_every": 250}}])
     if preset == "full":
         return [{"name": f"{mixer}_d{d}_lr{lr:g}",
                  "config": f"configs/mqar.py:model={mixer},d_model={d},T=256,pairs=16,mixture=ladder",
