@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RUNDIR ?= runs/mqar_main
 
-.PHONY: setup constraints run test test-integration test-slow test-multiprocess test-kernels test-all bench clean
+.PHONY: setup constraints run test test-extended test-integration test-slow test-multiprocess test-kernels test-all bench clean
 
 # Installs the exact versions pinned in constraints.txt (pip included), so tests and committed
 # results are reproduced with the packages they were produced with.
@@ -32,10 +32,15 @@ run: $(STAMP)
 
 # The unit suite: operators against their float64 oracles, layers, models, configs. Tests that
 # run a whole program end to end (the trainer, task smoke trainings, sweeps, benchmarks) are
-# marked `integration` and run by test-integration; the slow learning tests by test-slow.
-# .ci/run runs test, test-integration and test-multiprocess.
+# marked `integration` and run by test-integration; the slow learning tests by test-slow. The
+# rest of the option cross-products (oracle and decoding variants beyond each mixer's first case)
+# are marked `extended` and run by test-extended, which keeps `make test` within its time goal.
+# .ci/run runs test, test-extended, test-integration and test-multiprocess.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -m "not slow and not integration" --durations=25 tests
+	$(PY) -m pytest -n 2 -m "not slow and not integration and not extended" --durations=25 tests
+
+test-extended: $(STAMP)
+	$(PY) -m pytest -n 2 -m "extended and not slow and not integration" --durations=10 tests
 
 test-integration: $(STAMP)
 	$(PY) -m pytest -n 2 -m "integration and not slow" --durations=10 tests

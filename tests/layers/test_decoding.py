@@ -24,19 +24,24 @@ def model_for(mixer_name, **mixer_overrides):
                             short_conv=3, mlp_ratio=2.0, pos_emb="learned", max_len=T))
 
 
+# Option variants, run by `make test-extended` (`make test` runs every mixer at its defaults).
+VARIANTS = [
+    ("attention", {"window": 3}),
+    ("attention", {"window": 5, "impl": "chunk"}),  # query blocks across the prompt
+    ("attention", {"window": 3, "persistent_tokens": 2}),
+    ("titans_mac", {"segment": 4}),  # decoding crosses segment boundaries
+    ("mom", {"capacity": 1.0, "shared_memory": True}),  # counts carried over
+    ("mom", {"memory": "gla", "top_k": 1}),
+    ("hippocampus", {"window": 5}),  # window 0 (SMALL_OPTIONS) compresses nothing
+    ("infini_attention", {"segment": 4}),
+    ("bmojo", {"window": 5, "eidetic": 3}),
+    ("gated_deltanet", {"num_heads": 4, "head_size": 8}),  # heads apart from d_model
+]
+
+
 def decode_cases():
-    cases = [(name, {}) for name in MIXERS.names()]
-    cases.append(("attention", {"window": 3}))
-    cases.append(("attention", {"window": 5, "impl": "chunk"}))  # query blocks across the prompt
-    cases.append(("attention", {"window": 3, "persistent_tokens": 2}))
-    cases.append(("titans_mac", {"segment": 4}))  # decoding crosses segment boundaries
-    cases.append(("mom", {"capacity": 1.0, "shared_memory": True}))  # counts carried over
-    cases.append(("mom", {"memory": "gla", "top_k": 1}))
-    cases.append(("hippocampus", {"window": 5}))  # window 0 (SMALL_OPTIONS) compresses nothing
-    cases.append(("infini_attention", {"segment": 4}))
-    cases.append(("bmojo", {"window": 5, "eidetic": 3}))
-    cases.append(("gated_deltanet", {"num_heads": 4, "head_size": 8}))  # heads apart from d_model
-    return cases
+    return ([(name, {}) for name in MIXERS.names()]
+            + [pytest.param(*case, marks=pytest.mark.extended) for case in VARIANTS])
 
 
 @pytest.mark.parametrize("mixer_name, overrides", decode_cases(),

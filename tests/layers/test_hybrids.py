@@ -86,19 +86,25 @@ def test_ahn_cache_holds_a_memory_only_when_tokens_can_leave_the_window():
 DECODE_LENGTH = 24
 
 # (mixer options, the lengths of the successive calls after an empty cache; 1 = a decode step).
+# The first case of each mixer runs in `make test`, the rest in `make test-extended` or
+# `make test-slow`.
+EXTENDED = pytest.mark.extended
 DECODE_CASES = [
     # Prompt = two whole segments: decoding starts a segment and crosses three boundaries.
     (dict(name="infini_attention", segment=4, delta=False), [8] + [1] * 16),
     # Prompt ends mid-segment (its partial segment is buffered), delta updates.
-    (dict(name="infini_attention", segment=4, delta=True), [9] + [1] * 15),
+    pytest.param(dict(name="infini_attention", segment=4, delta=True), [9] + [1] * 15,
+                 marks=EXTENDED),
     # Multi-token calls mid-segment (the sequential path) and after whole segments (parallel
     # from a non-empty memory).
-    (dict(name="infini_attention", segment=4, delta=True), [5, 6, 1, 12]),
+    pytest.param(dict(name="infini_attention", segment=4, delta=True), [5, 6, 1, 12],
+                 marks=EXTENDED),
     pytest.param(dict(name="infini_attention", segment=16, delta=False), [17, 7],
                  marks=pytest.mark.slow),
     # The prompt fills the window exactly: the first decoded token sends token 0 to the memory.
     (dict(name="hippocampus", window=5, memory="gated_deltanet"), [5] + [1] * 19),
-    (dict(name="hippocampus", window=5, memory="gated_deltanet"), [3, 1, 1, 6, 7, 1, 5]),
+    pytest.param(dict(name="hippocampus", window=5, memory="gated_deltanet"),
+                 [3, 1, 1, 6, 7, 1, 5], marks=EXTENDED),
     pytest.param(dict(name="hippocampus", window=5, memory="deltanet"), [11] + [1] * 13,
                  marks=pytest.mark.slow),
     # window >= max_len: the cache keeps no memory at all.
@@ -107,10 +113,12 @@ DECODE_CASES = [
     # B'MOJO, window 5: prompts ending before, at and after the window boundary (the eidetic
     # slots fill as tokens leave), multi-token calls, more slots than evicted tokens.
     (dict(name="bmojo", window=5, eidetic=2, memory="gated_deltanet"), [4] + [1] * 20),
-    (dict(name="bmojo", window=5, eidetic=2, memory="gated_deltanet"), [5] + [1] * 19),
+    pytest.param(dict(name="bmojo", window=5, eidetic=2, memory="gated_deltanet"), [5] + [1] * 19,
+                 marks=EXTENDED),
     pytest.param(dict(name="bmojo", window=5, eidetic=2, memory="deltanet"), [11] + [1] * 13,
                  marks=pytest.mark.slow),
-    (dict(name="bmojo", window=5, eidetic=3, memory="gated_deltanet"), [3, 1, 1, 6, 7, 1, 5]),
+    pytest.param(dict(name="bmojo", window=5, eidetic=3, memory="gated_deltanet"),
+                 [3, 1, 1, 6, 7, 1, 5], marks=EXTENDED),
     pytest.param(dict(name="bmojo", window=3, eidetic=8, memory="gated_deltanet"), [9, 2, 13],
                  marks=pytest.mark.slow),
     pytest.param(dict(name="bmojo", window=24, eidetic=2, memory="gated_deltanet"),

@@ -274,7 +274,13 @@ def test_every_registered_mixer_has_a_case():
     assert all(len(tolerances) == 3 for _, _, tolerances in first)  # gradients and bfloat16 too
 
 
-@pytest.mark.parametrize("index", range(len(CASES)), ids=[case_id(c) for c in CASES])
+# Each kind's first case (forward, gradients and bfloat16) runs in `make test`; the forward-only
+# variants after it run in `make test-extended`.
+ORACLE_PARAMS = [pytest.param(i, id=case_id(c), marks=[] if len(c[2]) == 3 else [pytest.mark.extended])
+                 for i, c in enumerate(CASES)]
+
+
+@pytest.mark.parametrize("index", ORACLE_PARAMS)
 def test_mixer_matches_numpy_oracle(index):
     """Forward output (float64) against the oracle; with three tolerances also the parameter and
     input gradients and the bfloat16 output (one test per case: the checks share the layer's

@@ -221,6 +221,7 @@ def test_gradients_match_reference_f64(x64, spec, form):
     assert_gradients_match_reference(spec, form, args, h0, spec.f64_grad_tol)
 
 
+@pytest.mark.extended  # the float64 comparison above runs in `make test`
 def test_gradients_match_reference_f32(spec, form):
     args, h0 = inputs(spec, 3, spec.T, jnp.float32)
     wy, ws = _cotangents(spec, *oracle(spec, args, h0))

@@ -265,10 +265,12 @@ def spec_id(spec):
 
 
 # Muon on the MLP memories is the slowest third of the product: `make test` keeps it in EXTRA's
-# two Muon MLP cases and leaves these eight to `make test-slow`.
+# two Muon MLP cases and leaves these eight to `make test-slow`. The other MLP cases run in `make
+# test-extended`, the linear memory's in `make test` (EXTRA covers each MLP architecture there).
 PRODUCT = [
     pytest.param(ai, li, oi, id=spec_id(product_spec(ai, li, oi)),
-                 marks=[pytest.mark.slow] if ai and OPTIMIZERS[oi] == "muon" else [])
+                 marks=[pytest.mark.slow] if ai and OPTIMIZERS[oi] == "muon"
+                 else [pytest.mark.extended] if ai else [])
     for ai, li, oi in itertools.product(range(3), range(4), range(2))
 ]
 
