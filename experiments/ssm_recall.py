@@ -21,7 +21,8 @@ states per channel instead of 16 (`mamba_state64`: is the 16-dimensional B/C key
 blurs its read-out?); the top of Zoology's learning-rate grid, 10^-1.5 (`mamba_lr0.0316`); and
 the budget test, a 10,000-step schedule (`mamba_10000`: Zoology trains ~22k steps of 256; every
 Mamba run that learned recall was still rising when its schedule ran out; checkpoints every 250
-steps, so it can be resumed across sessions).
+steps, so it can be resumed across sessions); and Zoology's optimiser settings with RMSNorm, as
+in Zoology's Mamba block (`mamba_zoology_optim`, the 1500-step schedule: do they speed Mamba up?).
 Preset `full`: the same mixers on the `zoology_mqar` ladder to (256, 16) at d_model {64, 128},
 learning rates {1e-3, 3e-3, 1e-2}, 3000 steps.
 """
@@ -31,6 +32,11 @@ PRESETS = ("cpu", "full")
 T64_RECIPE = {"task.vocab_size": 256, "task.batch_size": 128, "train.steps": 1500,
               "train.eval_every": 100, "train.checkpoint_every": 500, "train.warmup_steps": 100,
               "train.lr": 1e-2}
+# Zoology's optimiser (PyTorch AdamW defaults, weight decay 0.1 on every parameter, no warm-up,
+# no clipping) in place of memjax's b2 0.98, clipping at 1.0, 100 warm-up steps and decay-exempt
+# biases, norms and dynamics parameters.
+ZOOLOGY_OPTIMIZER = {"train.b2": 0.999, "train.grad_clip": 0.0, "train.warmup_steps": 0,
+                     "train.weight_decay_exempt": ""}
 MIXERS = ("attention", "gated_deltanet", "s4d", "s5", "mamba", "mamba2", "mamba_polarized",
           "mamba_mimetic", "mamba2_polarized")
 
@@ -54,7 +60,9 @@ def runs(preset: str) -> list[dict]:
                     "overrides": T64_RECIPE | {"train.lr": 10**-1.5}},
                    {"name": "mamba_10000", "config": "configs/mqar.py:model=mamba,d_model=64",
                     "overrides": T64_RECIPE | {"train.steps": 10_000,
-                                               "train.checkpoint_every": 250}}])
+                                               "train.checkpoint_every": 250}},
+                   {"name": "mamba_zoology_optim", "config": "configs/mqar.py:model=mamba,d_model=64",
+                    "overrides": T64_RECIPE | ZOOLOGY_OPTIMIZER | {"model.norm": "rmsnorm"}}])
     if preset == "full":
         return [{"name": f"{mixer}_d{d}_lr{lr:g}",
                  "config": f"configs/mqar.py:model={mixer},d_model={d},T=256,pairs=16,mixture=ladder",
