@@ -22,7 +22,8 @@ blurs its read-out?); the top of Zoology's learning-rate grid, 10^-1.5 (`mamba_l
 the budget test, a 10,000-step schedule (`mamba_10000`: Zoology trains ~22k steps of 256; every
 Mamba run that learned recall was still rising when its schedule ran out; checkpoints every 250
 steps, so it can be resumed across sessions); and Zoology's optimiser settings with RMSNorm, as
-in Zoology's Mamba block (`mamba_zoology_optim`, the 1500-step schedule: do they speed Mamba up?).
+in Zoology's Mamba block (`mamba_zoology_optim`, the 1500-step schedule: do they speed Mamba up?
+and `mamba_zoology_optim_3000`, the same with a 3000-step schedule, checkpoints every 250 steps).
 Preset `full`: the same mixers on the `zoology_mqar` ladder to (256, 16) at d_model {64, 128},
 learning rates {1e-3, 3e-3, 1e-2}, 3000 steps.
 """
@@ -62,7 +63,12 @@ def runs(preset: str) -> list[dict]:
                     "overrides": T64_RECIPE | {"train.steps": 10_000,
                                                "train.checkpoint_every": 250}},
                    {"name": "mamba_zoology_optim", "config": "configs/mqar.py:model=mamba,d_model=64",
-                    "overrides": T64_RECIPE | ZOOLOGY_OPTIMIZER | {"model.norm": "rmsnorm"}}])
+                    "overrides": T64_RECIPE | ZOOLOGY_OPTIMIZER | {"model.norm": "rmsnorm"}},
+                   {"name": "mamba_zoology_optim_3000",
+                    "config": "configs/mqar.py:model=mamba,d_model=64",
+                    "overrides": T64_RECIPE | ZOOLOGY_OPTIMIZER | {"model.norm": "rmsnorm",
+                                                                   "train.steps": 3000,
+                                                                   "train.checkpoint_every": 250}}])
     if preset == "full":
         return [{"name": f"{mixer}_d{d}_lr{lr:g}",
                  "config": f"configs/mqar.py:model={mixer},d_model={d},T=256,pairs=16,mixture=ladder",
