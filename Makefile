@@ -34,7 +34,7 @@ run: $(STAMP)
 # run a whole program end to end (the trainer, task smoke trainings, sweeps, benchmarks) are
 # marked `integration` and run by test-integration; the slow learning tests by test-slow. The
 # rest of the option cross-products (oracle and decoding variants beyond each mixer's first case)
-# are marked `extended` and run by test-extended, which keeps `make test` within its time goal.
+# are marked `extended` and run by test-extended (about 3 minutes of `make test`'s time).
 # .ci/run runs test, test-extended, test-integration and test-multiprocess.
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -m "not slow and not integration and not extended" --durations=25 tests

@@ -276,7 +276,8 @@ def test_every_registered_mixer_has_a_case():
 
 # Each kind's first case (forward, gradients and bfloat16) runs in `make test`; the forward-only
 # variants after it run in `make test-extended`.
-ORACLE_PARAMS = [pytest.param(i, id=case_id(c), marks=[] if len(c[2]) == 3 else [pytest.mark.extended])
+ORACLE_PARAMS = [pytest.param(i, id=case_id(c),
+                              marks=[] if len(c[2]) == 3 else [pytest.mark.extended])
                  for i, c in enumerate(CASES)]
 
 

@@ -155,8 +155,9 @@ def test_scanned_prefill_then_decode_equals_full_forward(case):
 
 @pytest.mark.parametrize("case", ["attention", pytest.param("gated_deltanet", marks=SLOW)])
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
-@pytest.mark.parametrize("remat", [pytest.param(r, marks=[] if r == "full" else [pytest.mark.extended])
-                                   for r in REMAT_POLICIES if r != "none"])
+@pytest.mark.parametrize("remat", [
+    pytest.param(r, marks=[] if r == "full" else [pytest.mark.extended])
+    for r in REMAT_POLICIES if r != "none"])
 def test_every_remat_policy_gives_the_same_gradients(remat, scan, case):
     base, model = make(case), make(case, remat=remat, scan_layers=scan)
     x = tokens()
