@@ -23,7 +23,9 @@ the budget test, a 10,000-step schedule (`mamba_10000`: Zoology trains ~22k step
 Mamba run that learned recall was still rising when its schedule ran out; checkpoints every 250
 steps, so it can be resumed across sessions); and Zoology's optimiser settings with RMSNorm, as
 in Zoology's Mamba block (`mamba_zoology_optim`, the 1500-step schedule: do they speed Mamba up?
-and `mamba_zoology_optim_3000`, the same with a 3000-step schedule, checkpoints every 250 steps).
+and `mamba_zoology_optim_3000`, the same with a 3000-step schedule, checkpoints every 250 steps);
+and the two halves of that change on their own, RMSNorm (`mamba_rmsnorm`) and the optimiser
+(`mamba_zoology_adamw`), at 1500 steps.
 Preset `full`: the same mixers on the `zoology_mqar` ladder to (256, 16) at d_model {64, 128},
 learning rates {1e-3, 3e-3, 1e-2}, 3000 steps.
 """
@@ -68,7 +70,12 @@ def runs(preset: str) -> list[dict]:
                     "config": "configs/mqar.py:model=mamba,d_model=64",
                     "overrides": T64_RECIPE | ZOOLOGY_OPTIMIZER | {"model.norm": "rmsnorm",
                                                                    "train.steps": 3000,
-                                                                   "train.checkpoint_every": 250}}])
+                                                                   "train.checkpoint_every": 250}}]
+                # Which of the two halves of that change does it: RMSNorm alone, the optimiser alone.
+                + [{"name": "mamba_rmsnorm", "config": "configs/mqar.py:model=mamba,d_model=64",
+                    "overrides": T64_RECIPE | {"model.norm": "rmsnorm"}},
+                   {"name": "mamba_zoology_adamw", "config": "configs/mqar.py:model=mamba,d_model=64",
+                    "overrides": T64_RECIPE | ZOOLOGY_OPTIMIZER}])
     if preset == "full":
         return [{"name": f"{mixer}_d{d}_lr{lr:g}",
                  "config": f"configs/mqar.py:model={mixer},d_model={d},T=256,pairs=16,mixture=ladder",
