@@ -27,7 +27,7 @@ and `mamba_zoology_optim_3000`, the same with a 3000-step schedule, checkpoints 
 and the two halves of that change on their own, RMSNorm (`mamba_rmsnorm`) and the optimiser
 (`mamba_zoology_adamw`), at 1500 steps; and `mamba` and `mamba_zoology_optim` at seeds 1 and 2
 (`mamba_seed1`, `mamba_zoology_optim_seed1`, ...); Mamba-2 with Zoology's settings and RMSNorm
-(`mamba2_zoology_optim`).
+(`mamba2_zoology_optim`), and Mamba-2 at seed 1 (`mamba2_seed1`).
 Preset `full`: the same mixers on the `zoology_mqar` ladder to (256, 16) at d_model {64, 128},
 learning rates {1e-3, 3e-3, 1e-2}, 3000 steps.
 """
@@ -88,7 +88,9 @@ def runs(preset: str) -> list[dict]:
                                        ("mamba", {}))]
                 # Do the same settings speed up Mamba-2 (0.9725 after 1500 steps at memjax's)?
                 + [{"name": "mamba2_zoology_optim", "config": "configs/mqar.py:model=mamba2,d_model=64",
-                    "overrides": T64_RECIPE | ZOOLOGY_OPTIMIZER | {"model.norm": "rmsnorm"}}])
+                    "overrides": T64_RECIPE | ZOOLOGY_OPTIMIZER | {"model.norm": "rmsnorm"}},
+                   {"name": "mamba2_seed1", "config": "configs/mqar.py:model=mamba2,d_model=64",
+                    "overrides": T64_RECIPE | {"seed": 1}}])
     if preset == "full":
         return [{"name": f"{mixer}_d{d}_lr{lr:g}",
                  "config": f"configs/mqar.py:model={mixer},d_model={d},T=256,pairs=16,mixture=ladder",
