@@ -42,6 +42,10 @@ T64_RECIPE = {"task.vocab_size": 256, "task.batch_size": 128, "train.steps": 150
 # biases, norms and dynamics parameters.
 ZOOLOGY_OPTIMIZER = {"train.b2": 0.999, "train.grad_clip": 0.0, "train.warmup_steps": 0,
                      "train.weight_decay_exempt": ""}
+# ...and with RMSNorm in the blocks, as Zoology's Mamba blocks have.
+ZOOLOGY_SETTINGS = ZOOLOGY_OPTIMIZER | {"model.norm": "rmsnorm"}
+MAMBA_D64 = "configs/mqar.py:model=mamba,d_model=64"
+MAMBA2_D64 = "configs/mqar.py:model=mamba2,d_model=64"
 MIXERS = ("attention", "gated_deltanet", "s4d", "s5", "mamba", "mamba2", "mamba_polarized",
           "mamba_mimetic", "mamba2_polarized")
 
@@ -52,44 +56,40 @@ def runs(preset: str) -> list[dict]:
                   "overrides": T64_RECIPE} for mixer in MIXERS]
                 + [{"name": f"{mixer}_d128", "config": f"configs/mqar.py:model={mixer},d_model=128",
                     "overrides": T64_RECIPE} for mixer in ("mamba", "mamba2")]
-                + [{"name": "mamba2_3000", "config": "configs/mqar.py:model=mamba2,d_model=64",
+                + [{"name": "mamba2_3000", "config": MAMBA2_D64,
                     "overrides": T64_RECIPE | {"train.steps": 3000}},
-                   {"name": "mamba_stacked_convs", "config": "configs/mqar.py:model=mamba,d_model=64",
+                   {"name": "mamba_stacked_convs", "config": MAMBA_D64,
                     "overrides": T64_RECIPE | {"model.stack_short_convs": True}}]
-                + [{"name": f"mamba_3000_lr{lr:g}", "config": "configs/mqar.py:model=mamba,d_model=64",
+                + [{"name": f"mamba_3000_lr{lr:g}", "config": MAMBA_D64,
                     "overrides": T64_RECIPE | {"train.steps": 3000, "train.lr": lr}}
                    for lr in (1e-2, 3e-3)]
-                + [{"name": "mamba_state64", "config": "configs/mqar.py:model=mamba,d_model=64",
+                + [{"name": "mamba_state64", "config": MAMBA_D64,
                     "overrides": T64_RECIPE | {"model.mixer.state_dim": 64}},
-                   {"name": "mamba_lr0.0316", "config": "configs/mqar.py:model=mamba,d_model=64",
+                   {"name": "mamba_lr0.0316", "config": MAMBA_D64,
                     "overrides": T64_RECIPE | {"train.lr": 10**-1.5}},
-                   {"name": "mamba_10000", "config": "configs/mqar.py:model=mamba,d_model=64",
+                   {"name": "mamba_10000", "config": MAMBA_D64,
                     "overrides": T64_RECIPE | {"train.steps": 10_000,
                                                "train.checkpoint_every": 250}},
-                   {"name": "mamba_zoology_optim", "config": "configs/mqar.py:model=mamba,d_model=64",
-                    "overrides": T64_RECIPE | ZOOLOGY_OPTIMIZER | {"model.norm": "rmsnorm"}},
-                   {"name": "mamba_zoology_optim_3000",
-                    "config": "configs/mqar.py:model=mamba,d_model=64",
-                    "overrides": T64_RECIPE | ZOOLOGY_OPTIMIZER | {"model.norm": "rmsnorm",
-                                                                   "train.steps": 3000,
-                                                                   "train.checkpoint_every": 250}}]
-                # Which of the two halves of that change does it: RMSNorm alone, the optimiser alone.
-                + [{"name": "mamba_rmsnorm", "config": "configs/mqar.py:model=mamba,d_model=64",
+                   {"name": "mamba_zoology_optim", "config": MAMBA_D64,
+                    "overrides": T64_RECIPE | ZOOLOGY_SETTINGS},
+                   {"name": "mamba_zoology_optim_3000", "config": MAMBA_D64,
+                    "overrides": T64_RECIPE | ZOOLOGY_SETTINGS | {"train.steps": 3000,
+                                                                  "train.checkpoint_every": 250}}]
+                # Which half of that change does it: RMSNorm alone, the optimiser alone.
+                + [{"name": "mamba_rmsnorm", "config": MAMBA_D64,
                     "overrides": T64_RECIPE | {"model.norm": "rmsnorm"}},
-                   {"name": "mamba_zoology_adamw", "config": "configs/mqar.py:model=mamba,d_model=64",
+                   {"name": "mamba_zoology_adamw", "config": MAMBA_D64,
                     "overrides": T64_RECIPE | ZOOLOGY_OPTIMIZER}]
                 # Mamba's escape from the prior is fragile: memjax's recipe and Zoology's settings
                 # at two more seeds (data and initialisation both change with the seed).
-                + [{"name": f"{name}_seed{seed}", "config": "configs/mqar.py:model=mamba,d_model=64",
+                + [{"name": f"{name}_seed{seed}", "config": MAMBA_D64,
                     "overrides": T64_RECIPE | extra | {"seed": seed}}
                    for seed in (1, 2)
-                   for name, extra in (("mamba_zoology_optim",
-                                        ZOOLOGY_OPTIMIZER | {"model.norm": "rmsnorm"}),
-                                       ("mamba", {}))]
+                   for name, extra in (("mamba_zoology_optim", ZOOLOGY_SETTINGS), ("mamba", {}))]
                 # Do the same settings speed up Mamba-2 (0.9725 after 1500 steps at memjax's)?
-                + [{"name": "mamba2_zoology_optim", "config": "configs/mqar.py:model=mamba2,d_model=64",
-                    "overrides": T64_RECIPE | ZOOLOGY_OPTIMIZER | {"model.norm": "rmsnorm"}},
-                   {"name": "mamba2_seed1", "config": "configs/mqar.py:model=mamba2,d_model=64",
+                + [{"name": "mamba2_zoology_optim", "config": MAMBA2_D64,
+                    "overrides": T64_RECIPE | ZOOLOGY_SETTINGS},
+                   {"name": "mamba2_seed1", "config": MAMBA2_D64,
                     "overrides": T64_RECIPE | {"seed": 1}}])
     if preset == "full":
         return [{"name": f"{mixer}_d{d}_lr{lr:g}",

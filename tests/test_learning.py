@@ -53,7 +53,8 @@ KNOWN_FAILURES: dict[str, str] = {
              "step 2300 of 3000 with Zoology's optimiser and RMSNorm (seed 0; a prior at seeds 1 "
              "and 2) (docs/results/ssm_recall)",
     "mamba2": "recall, but 0.9725 when the 1500-step schedule ends (0.966 at 1200), probe 0.969 / "
-              "0.003; with a 3000-step schedule 0.9908 at step 2400 (docs/results/ssm_recall)",
+              "0.003; with a 3000-step schedule 0.9908 at step 2400; at seed 1 0.4645, having left "
+              "the prior only at step ~1000 (docs/results/ssm_recall)",
     "mom": "recall, flat at 0.63: 0.629 after 1500 steps (0.485 at 1000, 0.62 at 1200), probe "
            "0.634 / 0.101 (measured 2026-12-04; 4 Gated DeltaNet memories, top-2). Not routing: "
            "queries whose top-2 share no memory with their pair's value position are as accurate "
