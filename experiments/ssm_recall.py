@@ -25,7 +25,7 @@ steps, so it can be resumed across sessions); and Zoology's optimiser settings w
 in Zoology's Mamba block (`mamba_zoology_optim`, the 1500-step schedule: do they speed Mamba up?
 and `mamba_zoology_optim_3000`, the same with a 3000-step schedule, checkpoints every 250 steps);
 and the two halves of that change on their own, RMSNorm (`mamba_rmsnorm`) and the optimiser
-(`mamba_zoology_adamw`), at 1500 steps; and `mamba` and `mamba_zoology_optim` at seeds 1 and 2
+(`mamba_zoology_adamw`), at 1500 steps; and `mamba` and `mamba_zoology_optim` at seeds 1 to 4
 (`mamba_seed1`, `mamba_zoology_optim_seed1`, ...); Mamba-2 with Zoology's settings and RMSNorm
 (`mamba2_zoology_optim`), and Mamba-2 at seed 1 (`mamba2_seed1`).
 Preset `full`: the same mixers on the `zoology_mqar` ladder to (256, 16) at d_model {64, 128},
@@ -81,10 +81,10 @@ def runs(preset: str) -> list[dict]:
                    {"name": "mamba_zoology_adamw", "config": MAMBA_D64,
                     "overrides": T64_RECIPE | ZOOLOGY_OPTIMIZER}]
                 # Mamba's escape from the prior is fragile: memjax's recipe and Zoology's settings
-                # at two more seeds (data and initialisation both change with the seed).
+                # at four more seeds (data and initialisation both change with the seed).
                 + [{"name": f"{name}_seed{seed}", "config": MAMBA_D64,
                     "overrides": T64_RECIPE | extra | {"seed": seed}}
-                   for seed in (1, 2)
+                   for seed in (1, 2, 3, 4)
                    for name, extra in (("mamba_zoology_optim", ZOOLOGY_SETTINGS), ("mamba", {}))]
                 # Do the same settings speed up Mamba-2 (0.9725 after 1500 steps at memjax's)?
                 + [{"name": "mamba2_zoology_optim", "config": MAMBA2_D64,
