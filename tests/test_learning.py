@@ -50,8 +50,8 @@ KNOWN_FAILURES: dict[str, str] = {
     "mamba": "recalls, imprecisely: 0.608 after 1500 steps, probe 0.617 / 0.029; 79% of its wrong "
              "answers are value tokens absent from the context; 0.826 with a 3000-step schedule, "
              "0.7165 with 64 states per channel, 0.98925 with a 10,000-step schedule; 0.992 at "
-             "step 2300 of 3000 with Zoology's optimiser and RMSNorm (seed 0; a prior at seeds 1 "
-             "and 2) (docs/results/ssm_recall)",
+             "step 2300 of 3000 with Zoology's optimiser and RMSNorm (seed 0). Over seeds 0-4 it "
+             "stays on a prior (0.25) at 2 of 5 at this recipe (docs/results/ssm_recall)",
     "mamba2": "recall, but 0.9725 when the 1500-step schedule ends (0.966 at 1200), probe 0.969 / "
               "0.003; with a 3000-step schedule 0.9908 at step 2400; at seed 1 0.4645, having left "
               "the prior only at step ~1000 (docs/results/ssm_recall)",
